@@ -1,0 +1,80 @@
+"""Chat rendering that cannot be hijacked by special tokens typed into a message.
+
+Messages are rendered through the tokenizer's own chat template. The message *contents*
+are tokenized separately with special-token splitting on, so a user who types
+`<|end|>` or `</s>` gets ordinary text tokens, never the template's control tokens.
+
+Tokenizers without a chat template use `FALLBACK_TEMPLATE`: `### System:`, `### User:` and
+`### Assistant:` headers, each followed by the content and a blank line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from neuronguard.errors import UsageError
+
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}"
+    "### {{ message['role'] | capitalize }}:\n{{ message['content'] }}\n\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+ROLES = frozenset({"system", "user", "assistant"})
+_PLACEHOLDER = "\ue000{}\ue001"
+_PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    return tokenizer.chat_template or FALLBACK_TEMPLATE
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The prompt text as the template renders it (for display and logging with consent)."""
+    return tokenizer.apply_chat_template(
+        [dict(m) for m in messages],
+        chat_template=chat_template(tokenizer),
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of a conversation; content text never produces special tokens."""
+    if not messages:
+        raise UsageError("messages must not be empty")
+    for message in messages:
+        if message.get("role") not in ROLES:
+            raise UsageError(f"unknown role {message.get('role')!r}: use one of {', '.join(sorted(ROLES))}")
+    contents = [str(m.get("content") or "") for m in messages]
+    masked = [{"role": m["role"], "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
+    try:
+        rendered = render_chat(tokenizer, masked, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja raises its own errors for conversations a template rejects
+        raise UsageError(f"the model's chat template rejected the conversation: {exc}") from exc
+    ids: list[int] = []
+    cursor = 0
+    for match in _PLACEHOLDER_RE.finditer(rendered):
+        ids += tokenizer.encode(rendered[cursor : match.start()], add_special_tokens=False)
+        ids += tokenizer.encode(contents[int(match.group(1))], add_special_tokens=False, split_special_tokens=True)
+        cursor = match.end()
+    ids += tokenizer.encode(rendered[cursor:], add_special_tokens=False)
+    return ids
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """A single user turn, rendered as chat: the form in which harmful requests reach a model."""
+    return encode_chat(tokenizer, [{"role": "user", "content": prompt}])

@@ -1,0 +1,228 @@
+"""Step-wise decoding with a KV cache, neuron capture and live activation patching.
+
+One engine serves every consumer: the guard server (probe before the first token and on
+each generated token), patching evaluation (the unaligned model decodes while the chosen
+neurons take the aligned model's values each step) and batch generation for evaluation.
+
+Per step the engine runs at most two forward passes over the *new* positions only: the
+patch source (cut after the deepest patched layer) and the served model. The probe reads
+the served model's own activations at the last position of each forward call: the last
+prompt token at prefill, then each generated token.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from models.chat import encode_prompt
+from models.hooks import NeuronSelection, capture, patch, run_until_stop, stop_after_layer
+from models.sites import NeuronSites, resolve_sites
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class PatchSource:
+    """A second model whose activations overwrite the served model's chosen neurons."""
+
+    model: PreTrainedModel
+    selection: NeuronSelection
+    sites: NeuronSites | None = None
+
+    def __post_init__(self) -> None:
+        self.sites = self.sites or resolve_sites(self.model)
+
+
+@dataclass
+class Step:
+    """One decoding step: the tokens chosen for every row and what the probe saw."""
+
+    index: int
+    tokens: torch.Tensor  # [b] int64
+    logits: torch.Tensor  # [b, vocab] float32, before sampling transforms
+    finished: torch.Tensor  # [b] bool, row is done after this token
+    probe_activations: torch.Tensor | None = None  # [b, k] at the last input position
+    patched_positions: int = 0
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [b, s], left-padded
+    attention_mask: torch.Tensor  # [b, s]
+    prompt_lengths: list[int] = field(default_factory=list)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    """Left padding keeps every row's last prompt token at position -1."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return Batch(ids.to(device), mask.to(device), [len(s) for s in sequences])
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> frozenset[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+    return frozenset(ids)
+
+
+def _accepts_position_ids(model: PreTrainedModel) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    if params.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p  # always keeps the top token
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _ForwardInputs:
+    """Input tensors of the next forward call, shared by the served model and the patch source."""
+
+    def __init__(self, batch: Batch, with_positions: bool) -> None:
+        self.ids = batch.input_ids
+        self.mask = batch.attention_mask
+        self.positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.with_positions = with_positions
+
+    def kwargs(self, cache: DynamicCache) -> dict[str, object]:
+        kwargs: dict[str, object] = {
+            "input_ids": self.ids,
+            "attention_mask": self.mask,
+            "past_key_values": cache,
+            "use_cache": True,
+        }
+        if self.with_positions:
+            kwargs["position_ids"] = self.positions
+        return kwargs
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        self.ids = tokens[:, None]
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)[:, None]], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+
+
+@torch.inference_mode()
+def decode(
+    model: PreTrainedModel,
+    batch: Batch,
+    params: SamplingParams,
+    *,
+    sites: NeuronSites | None = None,
+    probe: NeuronSelection | None = None,
+    patch_source: PatchSource | None = None,
+) -> Iterator[Step]:
+    """Yield one `Step` per generated token until every row stops or the budget is spent.
+
+    Closing the generator early (a cancelled request) removes every hook it installed.
+    """
+    sites = sites or resolve_sites(model)
+    generator = torch.Generator(device=batch.input_ids.device).manual_seed(params.seed) if params.seed is not None else None
+    inputs = _ForwardInputs(batch, _accepts_position_ids(model))
+    cache = DynamicCache()
+    source_cache = DynamicCache()
+    finished = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=batch.input_ids.device)
+    stops = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=finished.device)
+    with ExitStack() as stack:
+        probe_cap = stack.enter_context(capture(model, probe, sites=sites, positions="last")) if probe is not None else None
+        source_cap = patcher = None
+        if patch_source is not None:
+            source_cap = stack.enter_context(capture(patch_source.model, patch_source.selection, sites=patch_source.sites))
+            stack.enter_context(stop_after_layer(patch_source.model, patch_source.selection.max_layer, sites=patch_source.sites))
+            patcher = stack.enter_context(patch(model, patch_source.selection, sites=sites))
+        for index in range(params.max_new_tokens):
+            patched = 0
+            if source_cap is not None and patcher is not None and patch_source is not None:
+                source_cap.clear()
+                run_until_stop(patch_source.model, **inputs.kwargs(source_cache))
+                patcher.set(source_cap.activations(dtype=next(model.parameters()).dtype))
+                patched = inputs.ids.shape[0] * inputs.ids.shape[1]
+            if probe_cap is not None:
+                probe_cap.clear()
+            out = model(**inputs.kwargs(cache))
+            logits = out.logits[:, -1, :].float()
+            tokens = _sample(logits, params, generator)
+            finished = finished | torch.isin(tokens, stops) if stops.numel() else finished
+            yield Step(
+                index=index,
+                tokens=tokens,
+                logits=logits,
+                finished=finished.clone(),
+                probe_activations=probe_cap.last() if probe_cap is not None else None,
+                patched_positions=patched,
+            )
+            if bool(finished.all()):
+                return
+            inputs.advance(tokens)
+
+
+def generate_ids(
+    model: PreTrainedModel,
+    batch: Batch,
+    params: SamplingParams,
+    *,
+    sites: NeuronSites | None = None,
+    patch_source: PatchSource | None = None,
+) -> list[list[int]]:
+    """Generated token ids per row, stop token excluded."""
+    rows: list[list[int]] = [[] for _ in range(batch.input_ids.shape[0])]
+    done = [False] * len(rows)
+    for step in decode(model, batch, params, sites=sites, patch_source=patch_source):
+        for row, token in enumerate(step.tokens.tolist()):
+            if not done[row]:
+                if token in params.stop_token_ids:
+                    done[row] = True
+                else:
+                    rows[row].append(token)
+    return rows
+
+
+def generate_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    *,
+    batch_size: int = 16,
+    patch_source: PatchSource | None = None,
+    sites: NeuronSites | None = None,
+) -> list[str]:
+    """Chat-rendered prompts in, decoded responses out (batched, left-padded)."""
+    if not params.stop_token_ids:
+        params = SamplingParams(**{**params.__dict__, "stop_token_ids": stop_ids(tokenizer, model)})
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        batch = left_pad(encoded, pad_id, device)
+        for ids in generate_ids(model, batch, params, sites=sites, patch_source=patch_source):
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts

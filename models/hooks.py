@@ -1,0 +1,341 @@
+"""Hook context managers: read, overwrite or scale chosen neurons, and always clean up.
+
+PyTorch hooks are global state on a shared model, so every hook here lives inside a context
+manager that removes its handles in `finally`, also when the forward pass raises. All
+operations are vectorised per layer (one gather/scatter per layer and forward call); there
+is no Python loop over neurons or tokens.
+
+Shapes: `b` batch, `s` positions of one forward call, `k` selected neurons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from models.sites import NeuronSites, resolve_sites
+from neuronguard.errors import UsageError
+
+
+@dataclass(frozen=True)
+class NeuronSelection:
+    """An ordered list of (layer, index) neurons; activations are laid out in this order."""
+
+    layers: torch.Tensor  # int64 [k]
+    indices: torch.Tensor  # int64 [k]
+    _groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        layers = torch.as_tensor(self.layers, dtype=torch.long).flatten().cpu()
+        indices = torch.as_tensor(self.indices, dtype=torch.long).flatten().cpu()
+        if layers.shape != indices.shape:
+            raise UsageError("neuron selection needs as many layer ids as neuron indices")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "indices", indices)
+        groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in torch.unique(layers).tolist():
+            order = torch.nonzero(layers == layer).flatten()  # positions in the k-vector
+            groups[int(layer)] = (order, indices[order])
+        object.__setattr__(self, "_groups", groups)
+
+    @classmethod
+    def all(cls, sites: NeuronSites) -> NeuronSelection:
+        """Every MLP neuron, layer-major."""
+        layers = torch.cat([torch.full((s.d_mlp,), s.index, dtype=torch.long) for s in sites.layers])
+        indices = torch.cat([torch.arange(s.d_mlp) for s in sites.layers])
+        return cls(layers, indices)
+
+    def __len__(self) -> int:
+        return int(self.layers.numel())
+
+    @property
+    def groups(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """layer -> (positions in the k-vector, neuron indices in that layer)."""
+        return self._groups
+
+    @property
+    def max_layer(self) -> int:
+        return int(self.layers.max()) if len(self) else -1
+
+    def validate(self, sites: NeuronSites) -> None:
+        if len(self) == 0:
+            raise UsageError("the neuron selection is empty")
+        if self.max_layer >= sites.num_layers or int(self.layers.min()) < 0:
+            raise UsageError(f"neuron selection names layer {self.max_layer}, the model has {sites.num_layers}")
+        for layer, (_, idx) in self.groups.items():
+            width = sites.layers[layer].d_mlp
+            if int(idx.max()) >= width or int(idx.min()) < 0:
+                raise UsageError(f"neuron index {int(idx.max())} out of range for layer {layer} (MLP width {width})")
+
+
+class _DeviceCache:
+    """Per-device copies of index tensors, so hooks never copy indices on the hot path."""
+
+    def __init__(self, selection: NeuronSelection) -> None:
+        self.selection = selection
+        self._cache: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, layer)
+        if key not in self._cache:
+            order, idx = self.selection.groups[layer]
+            self._cache[key] = (order.to(device), idx.to(device))
+        return self._cache[key]
+
+
+def _prepare(model: nn.Module, selection: NeuronSelection, sites: NeuronSites | None) -> NeuronSites:
+    sites = sites or resolve_sites(model)
+    selection.validate(sites)
+    return sites
+
+
+@contextmanager
+def _registered(handles: list[RemovableHandle]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+
+
+class _TokenShape:
+    """Remembers (batch, positions) of the current forward call.
+
+    Some architectures (OPT) flatten tokens to [b*s, d] inside the MLP; hooks use this to
+    restore the [b, s, d] layout so activations stay per batch row.
+    """
+
+    def __init__(self, model: nn.Module, handles: list[RemovableHandle]) -> None:
+        self.shape: tuple[int, int] | None = None
+        handles.append(model.register_forward_pre_hook(self._record, with_kwargs=True))
+
+    def _record(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        self.shape = tuple(tokens.shape[:2]) if tokens is not None else None
+
+    def unflatten(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            return x
+        if self.shape is None or self.shape[0] * self.shape[1] != x.shape[0]:
+            raise RuntimeError(f"cannot map MLP input of shape {tuple(x.shape)} to (batch, positions)")
+        return x.view(*self.shape, x.shape[-1])
+
+
+class Capture:
+    """Activations of the selected neurons, recorded per forward call.
+
+    With a KV cache each decoding step is one call holding only the new positions, so the
+    concatenation over calls equals the activations of one full forward pass.
+    """
+
+    def __init__(self, selection: NeuronSelection, positions: Literal["all", "last"]) -> None:
+        self.selection = selection
+        self.positions = positions
+        self._per_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in selection.groups}
+
+    def _record(self, layer: int, values: torch.Tensor) -> None:
+        self._per_layer[layer].append(values)
+
+    @property
+    def num_calls(self) -> int:
+        return min(len(v) for v in self._per_layer.values())
+
+    def clear(self) -> None:
+        for values in self._per_layer.values():
+            values.clear()
+
+    def activations(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[b, total positions, k] in selection order, concatenated over forward calls."""
+        counts = {len(v) for v in self._per_layer.values()}
+        if counts == {0}:
+            raise RuntimeError("no forward pass ran inside this capture")
+        if len(counts) != 1:
+            raise RuntimeError("layers recorded different numbers of forward calls (was the pass cut short?)")
+        first = next(iter(self._per_layer.values()))
+        batch = first[0].shape[0]
+        total = sum(t.shape[1] for t in first)
+        out = torch.empty(batch, total, len(self.selection), dtype=dtype, device=first[0].device)
+        for layer, chunks in self._per_layer.items():
+            order, _ = self.selection.groups[layer]
+            out[:, :, order.to(out.device)] = torch.cat(chunks, dim=1).to(dtype)
+        return out
+
+    def last(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[b, k] activations at the last position of the last forward call."""
+        latest = {layer: chunks[-1][:, -1, :] for layer, chunks in self._per_layer.items()}
+        first = next(iter(latest.values()))
+        out = torch.empty(first.shape[0], len(self.selection), dtype=dtype, device=first.device)
+        for layer, values in latest.items():
+            order, _ = self.selection.groups[layer]
+            out[:, order.to(out.device)] = values.to(dtype)
+        return out
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    selection: NeuronSelection,
+    *,
+    sites: NeuronSites | None = None,
+    positions: Literal["all", "last"] = "all",
+) -> Iterator[Capture]:
+    """Record the selected neurons' activations (detached) during every forward call."""
+    sites = _prepare(model, selection, sites)
+    cap = Capture(selection, positions)
+    cache = _DeviceCache(selection)
+    handles: list[RemovableHandle] = []
+    shape = _TokenShape(model, handles)
+
+    def make_hook(layer: int):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = shape.unflatten(args[0])  # [b, s, d_mlp]
+            _, idx = cache.get(layer, x.device)
+            picked = x[:, -1:, :] if positions == "last" else x
+            cap._record(layer, picked.detach().index_select(-1, idx))
+
+        return hook
+
+    with _registered(handles):
+        for layer in selection.groups:
+            handles.append(sites.layers[layer].down.register_forward_pre_hook(make_hook(layer)))
+        yield cap
+
+
+class Patch:
+    """Values written into the selected neurons on the next forward calls.
+
+    `values` is [b, s, k] matching each call's positions; `None` lets activations through.
+    """
+
+    def __init__(self, selection: NeuronSelection, values: torch.Tensor | None) -> None:
+        self.selection = selection
+        self.values = values
+        self.patched_positions = 0
+
+    def set(self, values: torch.Tensor | None) -> None:
+        self.values = values
+
+
+@contextmanager
+def patch(
+    model: nn.Module,
+    selection: NeuronSelection,
+    values: torch.Tensor | None = None,
+    *,
+    sites: NeuronSites | None = None,
+) -> Iterator[Patch]:
+    """Overwrite the selected neurons' activations with given values (activation patching)."""
+    sites = _prepare(model, selection, sites)
+    state = Patch(selection, values)
+    cache = _DeviceCache(selection)
+    handles: list[RemovableHandle] = []
+    first_layer = min(selection.groups)
+    shape = _TokenShape(model, handles)
+
+    def make_hook(layer: int):
+        def hook(_module: nn.Module, args: tuple) -> tuple | None:
+            if state.values is None:
+                return None
+            original = args[0]
+            x = shape.unflatten(original)  # [b, s, d_mlp]
+            values = state.values
+            if values.shape[:2] != x.shape[:2]:
+                raise ValueError(f"patch values cover {tuple(values.shape[:2])} (batch, positions), the forward has {tuple(x.shape[:2])}")
+            order, idx = cache.get(layer, x.device)
+            x = x.clone()
+            x[..., idx] = values.to(device=x.device, dtype=x.dtype).index_select(-1, order)
+            if layer == first_layer:
+                state.patched_positions += x.shape[0] * x.shape[1]
+            return (x.view(original.shape), *args[1:])
+
+        return hook
+
+    with _registered(handles):
+        for layer in selection.groups:
+            handles.append(sites.layers[layer].down.register_forward_pre_hook(make_hook(layer)))
+        yield state
+
+
+@contextmanager
+def scale(
+    model: nn.Module,
+    selection: NeuronSelection,
+    factor: float | torch.Tensor,
+    *,
+    sites: NeuronSites | None = None,
+) -> Iterator[None]:
+    """Multiply the selected neurons' activations by `factor` (scalar or [k])."""
+    sites = _prepare(model, selection, sites)
+    cache = _DeviceCache(selection)
+    factors = torch.as_tensor(factor, dtype=torch.float32).expand(len(selection)).clone()
+    handles: list[RemovableHandle] = []
+
+    def make_hook(layer: int):
+        def hook(_module: nn.Module, args: tuple) -> tuple:
+            x = args[0]  # [..., d_mlp]: scaling is per neuron, so no (batch, positions) layout needed
+            order, idx = cache.get(layer, x.device)
+            x = x.clone()
+            x[..., idx] = x[..., idx] * factors.to(x.device, x.dtype).index_select(0, order)
+            return (x, *args[1:])
+
+        return hook
+
+    with _registered(handles):
+        for layer in selection.groups:
+            handles.append(sites.layers[layer].down.register_forward_pre_hook(make_hook(layer)))
+        yield
+
+
+@contextmanager
+def zero(model: nn.Module, selection: NeuronSelection, *, sites: NeuronSites | None = None) -> Iterator[None]:
+    """Deactivate the selected neurons (activation set to 0)."""
+    with scale(model, selection, 0.0, sites=sites):
+        yield
+
+
+class StopForward(Exception):
+    """Raised inside a forward pass to skip the layers after the last one that matters."""
+
+
+@contextmanager
+def stop_after_layer(model: nn.Module, last_layer: int, *, sites: NeuronSites | None = None) -> Iterator[None]:
+    """Abort forward passes once block `last_layer` is done (pair with `run_until_stop`).
+
+    A patch source only has to run up to the deepest layer holding a patched neuron; its
+    KV cache for the earlier layers stays valid for the next decoding step.
+    """
+    sites = sites or resolve_sites(model)
+    if not 0 <= last_layer < sites.num_layers:
+        raise UsageError(f"last layer {last_layer} out of range (model has {sites.num_layers})")
+    handles: list[RemovableHandle] = []
+
+    def hook(_module: nn.Module, _args: tuple, _output: object) -> None:
+        raise StopForward
+
+    block = model.get_submodule(sites.layers_path)[last_layer]
+    with _registered(handles):
+        if last_layer < sites.num_layers - 1:
+            handles.append(block.register_forward_hook(hook))
+        yield
+
+
+def run_until_stop(model: nn.Module, **inputs: object) -> object | None:
+    """Call the model; return its output, or None when a `stop_after_layer` hook cut it short."""
+    try:
+        return model(**inputs)
+    except StopForward:
+        return None
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of forward (pre-)hooks registered anywhere in the model: 0 when nothing leaked."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
