@@ -1,0 +1,77 @@
+"""Guard bundles: everything the server needs to guard one model, checked on load.
+
+Layout of a bundle directory:
+  bundle.json           manifest (model fingerprint, method, data, metrics, versions)
+  neurons.safetensors   ranked safety neurons (`models.neurons.NeuronSet`)
+  probe.json            prefill probe (last prompt token)
+  stream_probe.json     optional probe on generated positions, to stop mid-stream
+  report/               report.json and PNG plots
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from detector.probe import Probe
+from models.loading import LoadedModel
+from models.neurons import NeuronSet, file_sha256
+from neuronguard.errors import UsageError
+
+FORMAT = "neuronguard.bundle/1"
+MANIFEST = "bundle.json"
+NEURONS = "neurons.safetensors"
+PROBE = "probe.json"
+STREAM_PROBE = "stream_probe.json"
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    neurons: NeuronSet
+    probe: Probe
+    stream_probe: Probe | None
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name") or self.path.name)
+
+    @property
+    def default_patch_k(self) -> int:
+        return int(self.manifest.get("patch_k") or self.probe.k)
+
+
+def load_bundle(path: str | Path, model: LoadedModel | None = None) -> Bundle:
+    """Load and validate a bundle; with `model`, refuse one made for another architecture."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise UsageError(f"'{path}' is not a guard bundle (no {MANIFEST}): build one with `neuronguard bundle build`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"'{manifest_path}' is not valid JSON: rebuild the bundle") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UsageError(f"'{manifest_path}' is not a {FORMAT} manifest: rebuild the bundle")
+    neurons = NeuronSet.load(path / NEURONS, model)
+    digest = file_sha256(path / NEURONS)
+    probes: list[Probe] = []
+    for name in (PROBE, STREAM_PROBE):
+        if name == STREAM_PROBE and not (path / name).exists():
+            continue
+        probe = Probe.load(path / name)
+        if probe.neurons_sha256 != digest:
+            raise UsageError(f"{name} in '{path}' was trained on another neuron file (sha256 mismatch): rebuild the bundle")
+        if probe.k > len(neurons):
+            raise UsageError(f"{name} in '{path}' uses k={probe.k} neurons, the neuron file has {len(neurons)}")
+        probes.append(probe)
+    fingerprint = manifest.get("model", {}).get("config_sha256")
+    if model is not None and fingerprint and fingerprint != model.fingerprint:
+        raise UsageError(
+            f"bundle '{path}' was built for another model (fingerprint {fingerprint[:12]}, this model "
+            f"{model.fingerprint[:12]}): build a bundle for this model with `neuronguard bundle build`"
+        )
+    return Bundle(path, manifest, neurons, probes[0], probes[1] if len(probes) > 1 else None)

@@ -1,0 +1,105 @@
+"""The guard probe: a standardised logistic regression on safety-neuron activations.
+
+Scoring is plain tensor math (under a millisecond for thousands of neurons), so the server
+can run it on the activations that the prefill, or a decoding step, produced anyway.
+Stored as JSON (`neuronguard.probe/1`), never pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from models.neurons import write_json
+from neuronguard.errors import UsageError
+
+FORMAT = "neuronguard.probe/1"
+Position = Literal["last_prompt_token", "generated"]
+
+
+@dataclass
+class Probe:
+    """p(harmful | activations) = sigmoid(coef . (x - mean) / scale + intercept)."""
+
+    neurons_sha256: str
+    k: int
+    position: Position
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    threshold: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (len(self.mean) == len(self.scale) == len(self.coef) == self.k) or self.k <= 0:
+            raise UsageError(f"probe vectors must all have length k={self.k}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UsageError(f"probe threshold {self.threshold} is not a probability")
+        values = [*self.mean, *self.scale, *self.coef, self.intercept]
+        if not all(math.isfinite(v) for v in values) or min(self.scale) <= 0:
+            raise UsageError("probe has non-finite weights or non-positive scales")
+        self._tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if device not in self._tensors:
+            self._tensors[device] = tuple(
+                torch.tensor(v, dtype=torch.float32, device=device) for v in (self.mean, self.scale, self.coef)
+            )  # type: ignore[assignment]
+        return self._tensors[device]
+
+    def contributions(self, activations: torch.Tensor) -> torch.Tensor:
+        """[b, k] per-neuron terms of the logit (their sum plus the intercept is the logit)."""
+        if activations.shape[-1] != self.k:
+            raise ValueError(f"probe expects {self.k} features, got {activations.shape[-1]}")
+        mean, scale, coef = self._on(activations.device)
+        return (activations.float() - mean) / scale * coef
+
+    def logit(self, activations: torch.Tensor) -> torch.Tensor:
+        return self.contributions(activations).sum(-1) + self.intercept
+
+    def score(self, activations: torch.Tensor) -> torch.Tensor:
+        """[b] probability that the continuation is harmful."""
+        return torch.sigmoid(self.logit(activations))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "neurons_sha256": self.neurons_sha256,
+            "k": self.k,
+            "position": self.position,
+            "mean": self.mean,
+            "scale": self.scale,
+            "coef": self.coef,
+            "intercept": self.intercept,
+            "threshold": self.threshold,
+            "metrics": self.metrics,
+        }
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Probe:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise UsageError(f"probe file '{path}' not found") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"probe file '{path}' is not valid JSON: rebuild it with `neuronguard probe train`") from exc
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UsageError(f"'{path}' is not a {FORMAT} file: rebuild it with `neuronguard probe train`")
+        fields = ("neurons_sha256", "k", "position", "mean", "scale", "coef", "intercept", "threshold")
+        missing = [f for f in fields if f not in data]
+        if missing:
+            raise UsageError(f"probe file '{path}' lacks {', '.join(missing)}")
+        try:
+            return cls(**{f: data[f] for f in fields}, metrics=data.get("metrics", {}))
+        except TypeError as exc:
+            raise UsageError(f"probe file '{path}' has malformed fields: {exc}") from exc
