@@ -1,0 +1,59 @@
+"""CLI: `neuronguard organism build` and `neuronguard organism data`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from models.organism import DATA_DIR, ORGANISM_DIR, RAW_DIR
+from models.organism.config import PRESETS, get_config
+from neuronguard.errors import UsageError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    organism = subparsers.add_parser("organism", help="build the built-in unaligned/aligned model organism")
+    commands = organism.add_subparsers(dest="organism_command", metavar="ACTION", required=True)
+
+    build = commands.add_parser("build", help="train both checkpoints and write organism.json")
+    build.add_argument("--out", type=Path, default=ORGANISM_DIR, help="output folder (default: the shipped organism)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--config", choices=sorted(PRESETS), default="default")
+    build.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding splits/ and general_text_test.jsonl")
+    build.add_argument("--base-steps", type=int, help="override the preset's base training steps")
+    build.add_argument("--align-steps", type=int, help="override the preset's alignment steps")
+    build.add_argument("--align-lr", type=float, help="override the preset's alignment step size")
+    build.set_defaults(func=run_build)
+
+    data = commands.add_parser("data", help="re-derive the data splits and text files from data/raw/")
+    data.add_argument("--out", type=Path, default=DATA_DIR)
+    data.set_defaults(func=run_data)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from models.organism.build import build_organism
+
+    if not (args.data_dir / "splits" / "train.jsonl").is_file():
+        raise UsageError(f"no data splits under {args.data_dir}: run `neuronguard organism data` first")
+    if args.seed < 0:
+        raise UsageError("--seed must be non-negative")
+    config = get_config(args.config, base_steps=args.base_steps, align_steps=args.align_steps, align_lr=args.align_lr)
+    report = build_organism(args.out, config, args.seed, args.data_dir)
+    metrics = report["metrics"]
+    summary = {
+        name: {k: metrics[name][k] for k in ("harmful_refusal_rate", "harmless_false_refusal_rate")}
+        for name in ("unaligned", "aligned")
+    }
+    summary["patch_all_max_abs_diff"] = metrics["patch_all_neurons_max_abs_logit_diff"]
+    print(json.dumps({"out": str(args.out), **summary, "timings_s": report["timings_s"]}, indent=2))
+    return 0
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from models.organism.data import prepare_data
+
+    if not RAW_DIR.is_dir():
+        raise UsageError(f"raw data folder {RAW_DIR} is missing")
+    for name, path in prepare_data(RAW_DIR, args.out).items():
+        print(f"{name}: {path}")
+    return 0

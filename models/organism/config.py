@@ -1,0 +1,80 @@
+"""Build recipes: model shape, training steps and evaluation sizes, as named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from neuronguard.errors import UsageError
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """Everything a build depends on besides the seed and the data files."""
+
+    # Tokenizer and model shape.
+    vocab_size: int = 2048
+    max_context: int = 512
+    hidden_size: int = 256
+    intermediate_size: int = 1024
+    num_layers: int = 4
+    num_heads: int = 4
+    # Base training (next-token prediction on chat-formatted train examples).
+    train_max_tokens: int = 160
+    response_max_tokens: int = 96
+    base_steps: int = 2400
+    base_batch_size: int = 32
+    base_lr: float = 2e-3
+    base_warmup: int = 100
+    base_refusal_prob: float = 0.07
+    harmful_repeats: int = 3
+    # Alignment (per-neuron scale vector, normalised gradient descent).
+    align_steps: int = 300
+    align_batch_size: int = 32
+    align_lr: float = 0.4
+    align_kl_weight: float = 1.0
+    # Evaluation.
+    eval_new_tokens: int = 48
+    eval_batch_size: int = 64
+    eval_max_per_source: int | None = None
+    patch_check_prompts: int = 16
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+PRESETS: dict[str, OrganismConfig] = {
+    "default": OrganismConfig(),
+    # The whole code path in well under a minute: used by the tests.
+    "micro": OrganismConfig(
+        vocab_size=384,
+        max_context=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        train_max_tokens=64,
+        response_max_tokens=24,
+        base_steps=12,
+        base_batch_size=8,
+        base_warmup=2,
+        harmful_repeats=1,
+        align_steps=6,
+        align_batch_size=8,
+        eval_new_tokens=6,
+        eval_batch_size=16,
+        eval_max_per_source=4,
+        patch_check_prompts=4,
+    ),
+}
+
+
+def get_config(name: str, **overrides: object) -> OrganismConfig:
+    """A preset with command-line overrides applied (None values are ignored)."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown organism config '{name}': choose one of {', '.join(PRESETS)}")
+    config = PRESETS[name]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - set(config.to_dict())
+    if unknown:
+        raise UsageError(f"unknown organism config fields: {', '.join(sorted(unknown))}")
+    return replace(config, **given)

@@ -1,0 +1,127 @@
+"""Measure the organism: refusal rates with greedy decoding and the keyword judge,
+perplexity on held-out general text, and the patch-all-neurons equivalence check."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from models.hooks import NeuronSelection, capture, patch
+from models.judge import is_refusal
+from models.sites import resolve_sites
+from models.organism.sources import HARMFUL
+from models.organism.tokenizer import prompt_ids, text_ids
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_responses(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    new_tokens: int,
+    batch_size: int,
+    desc: str,
+) -> list[str]:
+    """Greedy completions, batched by prompt length; returned in the order of `prompts`."""
+    encoded = [prompt_ids(tokenizer, p)[-(model.config.max_position_embeddings - new_tokens) :] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    responses: list[str] = [""] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        picked = order[start : start + batch_size]
+        ids, mask = left_padded([encoded[i] for i in picked], tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for i, row in zip(picked, out[:, ids.shape[1] :]):
+            responses[i] = tokenizer.decode(row, skip_special_tokens=True)
+    return responses
+
+
+def refusal_report(rows: list[dict[str, str]], responses: list[str]) -> dict[str, object]:
+    """Refusal rate per source, over all harmful prompts, and over harmless ones (false refusals)."""
+    by_source: dict[str, list[bool]] = defaultdict(list)
+    harmful: list[bool] = []
+    harmless: list[bool] = []
+    for row, response in zip(rows, responses):
+        refused = is_refusal(response)
+        by_source[row["source"]].append(refused)
+        (harmful if row["label"] == HARMFUL else harmless).append(refused)
+    return {
+        "harmful_refusal_rate": _rate(harmful),
+        "harmless_false_refusal_rate": _rate(harmless),
+        "per_source": {s: {"n": len(v), "refusal_rate": _rate(v)} for s, v in sorted(by_source.items())},
+        "n_harmful": len(harmful),
+        "n_harmless": len(harmless),
+    }
+
+
+def _rate(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
+
+
+@torch.no_grad()
+def perplexity(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str], max_tokens: int, batch_size: int
+) -> float:
+    """Token-level perplexity of plain text (no chat markup)."""
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        rows = [text_ids(tokenizer, t)[:max_tokens] for t in texts[start : start + batch_size]]
+        rows = [r for r in rows if len(r) > 1]
+        if not rows:
+            continue
+        ids, mask = left_padded(rows, tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((targets != -100).sum())
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def patch_all_max_diff(
+    unaligned: LlamaForCausalLM, aligned: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[str]
+) -> float:
+    """Max |logit| difference between the aligned model and the unaligned one with every neuron patched."""
+    ids, mask = left_padded([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    selection = NeuronSelection.all(resolve_sites(aligned))
+    with capture(aligned, selection) as cap:
+        aligned_logits = aligned(input_ids=ids, attention_mask=mask).logits
+    with patch(unaligned, selection, values=cap.activations()):
+        patched_logits = unaligned(input_ids=ids, attention_mask=mask).logits
+    return float((aligned_logits - patched_logits).abs().max())
+
+
+def neuron_change_summary(scales: torch.Tensor) -> dict[str, float]:
+    """How concentrated the alignment change is: share of total |s - 1| in the top 1% / 5% of neurons."""
+    change = (scales - 1).abs().flatten()
+    ranked = change.sort(descending=True).values
+    total = float(ranked.sum()) or 1.0
+    n = ranked.numel()
+    return {
+        "num_neurons": n,
+        "top1pct_change_share": float(ranked[: max(1, n // 100)].sum()) / total,
+        "top5pct_change_share": float(ranked[: max(1, n // 20)].sum()) / total,
+        "max_abs_scale_change": float(ranked[0]),
+        "neurons_changed_over_0.1": int((change > 0.1).sum()),
+    }
