@@ -1,0 +1,73 @@
+"""HTTP routes: parse, dispatch to a service, return. No work happens here."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.errors import APIError
+from server.protocol import (
+    ChatCompletionRequest,
+    GuardCheckRequest,
+    GuardCheckResponse,
+    ModelCard,
+    ModelList,
+    ModerationRequest,
+    ModerationResponse,
+)
+from server.services.chat import ChatService
+from server.services.moderation import ModerationService
+from server.state import AppState
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.neuronguard
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    return await ChatService(_state(request)).create(body, request)
+
+
+async def moderations(body: ModerationRequest, request: Request) -> ModerationResponse:
+    return await ModerationService(_state(request)).moderate(body, request)
+
+
+async def guard_check(body: GuardCheckRequest, request: Request) -> GuardCheckResponse:
+    return await ModerationService(_state(request)).check(body, request)
+
+
+async def models(request: Request) -> ModelList:
+    runtime, _ = _state(request).require()
+    return ModelList(data=[ModelCard(id=runtime.served_name, created=int(time.time()))])
+
+
+async def health() -> dict[str, str]:
+    """Liveness: the process answers (the model may still be loading)."""
+    return {"status": "ok"}
+
+
+async def ready(request: Request) -> dict[str, str]:
+    """Readiness: 200 once model, bundle and patch source are loaded."""
+    state = _state(request)
+    if not state.ready:
+        message = f"not ready: {state.failure}" if state.failure else "not ready: loading the model"
+        raise APIError(503, message, code="not_ready", headers={"Retry-After": "5"})
+    return {"status": "ready"}
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def install_routes(app: FastAPI) -> None:
+    """Routes live on the app itself, so `app.routes` lists every path (health checks rely on it)."""
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/moderations", moderations, methods=["POST"])
+    app.add_api_route("/v1/guard/check", guard_check, methods=["POST"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)

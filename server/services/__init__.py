@@ -1,0 +1,1 @@
+"""Services: the work behind each route (encode, schedule, guard, shape the response)."""

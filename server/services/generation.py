@@ -1,0 +1,158 @@
+"""Guarded generation, run on the model worker thread (one request at a time).
+
+The prefill probe reads the served model's activations at the last prompt token from the
+prefill that generation needs anyway (no second prompt forward). Each generated token is
+held back until the stream probe has read the model's activations *on that token* (the
+next step's forward): a token reaches the client only after the guard has seen it, so
+streaming cannot bypass the guard. The last token of a length-limited generation costs
+one extra forward to be scored.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from detector.probe import Probe
+from models.generation import SamplingParams, decode, left_pad
+from server.guard import Decision, GuardPolicy, Stage
+from server.metrics import Metrics
+from server.protocol import FinishReason, GuardReport
+from server.runtime import Runtime
+from server.scheduler import JobContext
+from server.text import TextStream
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    prompt_ids: list[int]
+    params: SamplingParams  # max_new_tokens is the client's budget
+    policy: GuardPolicy
+    stops: list[str]
+    arrival: float  # time.perf_counter() when the request arrived
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass
+class GenerationResult:
+    finish_reason: FinishReason
+    completion_tokens: int
+    guard: GuardReport | None
+    blocked_stage: Stage | None = None
+    text: str = ""
+
+
+@dataclass
+class _Verdicts:
+    """The guard's verdicts for one request: the prefill one, and the first stream flag."""
+
+    policy: GuardPolicy
+    patched: bool
+    prefill: GuardReport | None = None
+    stream: GuardReport | None = None  # first flagged (or blocking) token, else the last allowed one
+
+    def record(self, stage: Stage, score: float, decision: Decision) -> None:
+        threshold = self.policy.prefill_threshold if stage == "prefill" else self.policy.stream_threshold
+        report = GuardReport(mode=self.policy.mode, stage=stage, decision=decision, score=score,
+                             threshold=threshold, flagged=decision != "allow", patched=self.patched)
+        if stage == "prefill":
+            self.prefill = report
+        elif self.stream is None or not self.stream.flagged:
+            self.stream = report
+
+    def report(self) -> GuardReport | None:
+        """What the response shows: a stream flag if there was one, else the prefill verdict."""
+        return self.stream if self.stream is not None and self.stream.flagged else self.prefill
+
+    def count(self, metrics: Metrics) -> None:
+        """One decision per stage per request (the alert rules count requests by prefill decisions)."""
+        for report in (self.prefill, self.stream):
+            if report is not None:
+                metrics.guard_decisions.labels(report.stage, report.decision).inc()
+
+
+def score_one(probe: Probe, activations: torch.Tensor, metrics: Metrics, stage: Stage) -> float:
+    """Probe score of row 0 (`activations` [b, k_all]); observes latency and score."""
+    start = time.perf_counter()
+    score = float(probe.score(activations[:1, : probe.k])[0])
+    metrics.probe_latency.observe(time.perf_counter() - start)
+    metrics.probe_score.labels(stage).observe(score)
+    return score
+
+
+def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: JobContext) -> GenerationResult:
+    """Decode one request under its guard policy, emitting a `TextDelta` per released chunk."""
+    policy = job.policy
+    loaded = runtime.loaded
+    budget = job.params.max_new_tokens
+    scoring = policy.scores
+    params = replace(job.params, max_new_tokens=budget + 1 if scoring else budget, stop_token_ids=runtime.stop_token_ids)
+    batch = left_pad([job.prompt_ids], loaded.tokenizer.pad_token_id, loaded.device)
+    source = runtime.patch_source if policy.patches else None
+    stream = TextStream(loaded.tokenizer, job.stops)
+    verdicts = _Verdicts(policy, patched=source is not None)
+    metrics.prompt_tokens.inc(len(job.prompt_ids))
+    released = 0
+    last_release = job.arrival
+    pending: int | None = None
+    finish: FinishReason = "length"
+    blocked: Stage | None = None
+    stopped_by_string = False
+
+    def release(token: int) -> bool:
+        nonlocal released, last_release
+        released += 1
+        delta, stop = stream.push(token)
+        now = time.perf_counter()
+        metrics.ttft.observe(now - job.arrival) if released == 1 else metrics.itl.observe(now - last_release)
+        last_release = now
+        if delta:
+            ctx.emit(TextDelta(delta))
+        return stop
+
+    steps = decode(loaded.model, batch, params, sites=loaded.sites,
+                   probe=runtime.probe_selection if scoring else None, patch_source=source)
+    try:
+        for step in steps:
+            ctx.check()
+            metrics.patched_tokens.inc(step.patched_positions)
+            if scoring:
+                assert step.probe_activations is not None
+                stage: Stage = "prefill" if step.index == 0 else "stream"
+                probe = runtime.bundle.probe if stage == "prefill" else runtime.stream_probe
+                score = score_one(probe, step.probe_activations, metrics, stage)
+                decision = policy.decide(score, stage)
+                verdicts.record(stage, score, decision)
+                if decision == "block":
+                    finish, blocked = "content_filter", stage
+                    break
+                if pending is not None and release(pending):  # the pending token passed the probe
+                    finish, stopped_by_string = "stop", True
+                    break
+                pending = None
+            if step.index == budget:  # the extra forward that scored the last token
+                break
+            metrics.generation_tokens.inc()
+            token = int(step.tokens[0])
+            if token in runtime.stop_token_ids:
+                finish = "stop"
+                break
+            if scoring:
+                pending = token
+            elif release(token):
+                finish, stopped_by_string = "stop", True
+                break
+    finally:
+        steps.close()  # removes every hook, also on errors and cancellation
+    if not stopped_by_string:
+        tail = stream.flush()
+        if tail:
+            ctx.emit(TextDelta(tail))
+    verdicts.count(metrics)
+    return GenerationResult(finish, released, verdicts.report(), blocked, stream.text)

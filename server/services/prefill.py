@@ -1,0 +1,48 @@
+"""Prefill-only scoring for /v1/moderations and /v1/guard/check (worker thread).
+
+One forward over the (left-padded) batch; the probe reads each row's last prompt token,
+exactly where the chat path reads it, so a moderation score equals the prefill score a
+chat completion of the same prompt gets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from models.generation import SamplingParams, decode, left_pad
+from server.metrics import Metrics
+from server.runtime import Runtime
+from server.scheduler import JobContext
+
+
+def prefill_activations(runtime: Runtime, prompts: Sequence[Sequence[int]], ctx: JobContext) -> torch.Tensor:
+    """[b, k] activations of the probe neurons at each prompt's last token."""
+    ctx.check()
+    loaded = runtime.loaded
+    batch = left_pad(prompts, loaded.tokenizer.pad_token_id, loaded.device)
+    steps = decode(loaded.model, batch, SamplingParams(max_new_tokens=1), sites=loaded.sites, probe=runtime.probe_selection)
+    try:
+        step = next(steps)
+    finally:
+        steps.close()
+    assert step.probe_activations is not None
+    return step.probe_activations
+
+
+def score_prompts(
+    runtime: Runtime, metrics: Metrics, prompts: Sequence[Sequence[int]], ctx: JobContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [b], per-neuron logit contributions [b, k]) of the prefill probe."""
+    probe = runtime.bundle.probe
+    acts = prefill_activations(runtime, prompts, ctx)[:, : probe.k]
+    start = time.perf_counter()
+    contributions = probe.contributions(acts)  # [b, k]
+    scores = torch.sigmoid(contributions.sum(-1) + probe.intercept)
+    metrics.probe_latency.observe(time.perf_counter() - start)
+    for score in scores.tolist():
+        metrics.probe_score.labels("prefill").observe(score)
+    metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+    return scores.cpu(), contributions.cpu()
