@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from neuronguard.errors import UsageError
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "detector.commands",
     "server.commands",
     "models.commands",
     "models.organism.commands",
+    "models.tuning.commands",
 )
 
 

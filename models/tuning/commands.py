@@ -1,0 +1,133 @@
+"""CLI: `neuronguard tune`, `neuronguard deactivate` and `neuronguard eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from models.organism import DATA_DIR, SPLITS_DIR
+from models.tuning.trainer import TrainParams
+from neuronguard.errors import UsageError
+
+DEFAULT_HARMFUL = SPLITS_DIR / "test.jsonl"
+DEFAULT_TEXT = DATA_DIR / "general_text_test.jsonl"
+
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--top-frac", type=float, help="use the top F of all the model's neurons from the set")
+    group.add_argument("--k", type=int, help="use the top K neurons of the set")
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    tune = subparsers.add_parser("tune", help="SN-Tune / RSN-Tune: fine-tune only a neuron set's weights on refusal documents")
+    tune.add_argument("--model", required=True, help="checkpoint directory to tune")
+    target = tune.add_mutually_exclusive_group(required=True)
+    target.add_argument("--neurons", type=Path, help="neuron file (contrasting or importance) whose weights are tuned")
+    target.add_argument("--all-params", action="store_true", help="plain full fine-tuning (baseline, downstream tasks)")
+    _add_selection(tune)
+    tune.add_argument("--data", type=Path, required=True, help='JSONL of {"prompt", "response"} documents')
+    tune.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    tune.add_argument("--exclude", type=Path, help="foundation-neuron file to leave untouched (RSN-Tune)")
+    tune.add_argument("--lr", type=float, default=TrainParams.lr)
+    tune.add_argument("--epochs", type=int, default=TrainParams.epochs)
+    tune.add_argument("--batch-size", type=int, default=TrainParams.batch_size)
+    tune.add_argument("--max-grad-norm", type=float, default=TrainParams.max_grad_norm)
+    tune.add_argument("--max-docs", type=int, help="use the first N documents of --data")
+    tune.add_argument("--max-tokens", type=int, default=256, help="truncate each document to N tokens")
+    tune.add_argument("--seed", type=int, default=TrainParams.seed)
+    tune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _model_args(tune)
+    tune.set_defaults(func=run_tune)
+
+    deact = subparsers.add_parser("deactivate", help="zero a neuron set's rows/columns and save the checkpoint")
+    deact.add_argument("--model", required=True)
+    deact.add_argument("--neurons", type=Path, required=True)
+    _add_selection(deact)
+    deact.add_argument("--random", type=int, metavar="SEED", help="zero as many random neurons per layer instead (Deact-R)")
+    deact.add_argument("--out", type=Path, required=True)
+    deact.add_argument("--overwrite", action="store_true")
+    _model_args(deact)
+    deact.set_defaults(func=run_deactivate)
+
+    ev = subparsers.add_parser("eval", help="harmful rate, false refusals and perplexity of checkpoints, side by side")
+    ev.add_argument("--model", action="append", required=True, help="checkpoint directory (repeat to compare)")
+    ev.add_argument("--label", action="append", help="display name per --model, in the same order")
+    ev.add_argument("--harmful", type=Path, default=DEFAULT_HARMFUL, help='JSONL with "prompt" (rows labelled harmless are skipped)')
+    ev.add_argument("--harmless", type=Path, default=DEFAULT_HARMFUL, help='JSONL with "prompt" (rows labelled harmful are skipped)')
+    ev.add_argument("--text", type=Path, default=DEFAULT_TEXT, help='JSONL with "text", for perplexity')
+    ev.add_argument("--limit", type=int, help="use the first N prompts of each kind and N texts")
+    ev.add_argument("--max-new-tokens", type=int, default=48)
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--out", type=Path, required=True, help="folder for eval.json and eval.png")
+    ev.add_argument("--overwrite", action="store_true")
+    _model_args(ev)
+    ev.set_defaults(func=run_eval)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from models.tuning.tune import ModelChoice, SetChoice, tune
+
+    hp = TrainParams(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_grad_norm=args.max_grad_norm, seed=args.seed)
+    _check_hyperparameters(hp)
+    manifest = tune(
+        ModelChoice(args.model, args.device, args.dtype),
+        args.data,
+        args.out,
+        hp,
+        neurons=SetChoice(args.neurons, args.k, args.top_frac) if args.neurons else None,
+        exclude=SetChoice(args.exclude) if args.exclude else None,
+        max_docs=args.max_docs,
+        max_tokens=args.max_tokens,
+        overwrite=args.overwrite,
+    )
+    summary = {k: manifest[k] for k in ("method", "parameters", "wall_seconds")}
+    summary["metrics"] = {k: v for k, v in manifest["metrics"].items() if k != "loss_curve"}
+    print(json.dumps({"out": str(args.out), **summary}, indent=2))
+    return 0
+
+
+def _check_hyperparameters(hp: TrainParams) -> None:
+    if hp.lr <= 0 or hp.epochs <= 0 or hp.batch_size <= 0 or hp.max_grad_norm <= 0:
+        raise UsageError("--lr, --epochs, --batch-size and --max-grad-norm must be positive")
+
+
+def run_deactivate(args: argparse.Namespace) -> int:
+    from models.tuning.tune import ModelChoice, SetChoice, deactivate
+
+    manifest = deactivate(
+        ModelChoice(args.model, args.device, args.dtype),
+        SetChoice(args.neurons, args.k, args.top_frac),
+        args.out,
+        random_seed=args.random,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps({"out": str(args.out), "method": manifest["method"], **manifest["parameters"]}, indent=2))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from models.tuning.evaluate import EvalSettings
+    from models.tuning.report import EvalInputs, evaluate_checkpoints
+
+    if args.label is not None and len(args.label) != len(args.model):
+        raise UsageError(f"give one --label per --model ({len(args.model)} models, {len(args.label)} labels)")
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"--limit {args.limit} must be positive")
+    report = evaluate_checkpoints(
+        dict(zip(args.label or args.model, args.model)),
+        EvalInputs(args.harmful, args.harmless, args.text, args.limit),
+        EvalSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+        args.out,
+        device=args.device,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps({label: r["metrics"] for label, r in report["models"].items()}, indent=2))
+    return 0

@@ -1,0 +1,71 @@
+"""`neuronguard eval`: evaluate several checkpoints on the same data and write JSON + PNG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.loading import load_model
+from models.neurons import file_sha256, write_json
+from models.tuning.checkpoint import check_out_dir, staged_dir
+from models.tuning.data import read_prompts, read_records
+from models.tuning.evaluate import EvalSettings, evaluate
+from models.tuning.plot import plot_comparison
+from neuronguard.errors import UsageError
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    harmful: Path
+    harmless: Path
+    text: Path
+    limit: int | None = None
+
+    def load(self) -> tuple[list[str], list[str], list[str]]:
+        harmful = read_prompts(self.harmful, "harmful")[: self.limit]
+        harmless = read_prompts(self.harmless, "harmless")[: self.limit]
+        texts = [r["text"] for r in read_records(self.text, ["text"])][: self.limit]
+        return harmful, harmless, texts
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            kind: {"path": str(path), "sha256": file_sha256(path)}
+            for kind, path in (("harmful", self.harmful), ("harmless", self.harmless), ("text", self.text))
+        } | {"limit": self.limit}
+
+
+def evaluate_checkpoints(
+    models: dict[str, str],
+    inputs: EvalInputs,
+    settings: EvalSettings,
+    out: Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Metrics per checkpoint (label -> path), written to `out/eval.json` and `out/eval.png`."""
+    out = check_out_dir(out, overwrite)
+    if len(set(models)) != len(models):
+        raise UsageError("checkpoint labels must be unique: pass --label for each --model")
+    harmful, harmless, texts = inputs.load()
+    results: dict[str, Any] = {}
+    for label, path in models.items():
+        loaded = load_model(path, device, dtype)
+        metrics, samples = evaluate(loaded, harmful, harmless, texts, settings)
+        results[label] = {"path": path, "metrics": metrics.to_dict(), "samples": samples}
+        del loaded
+    report = {
+        "format": "neuronguard.eval/1",
+        "data": inputs.describe(),
+        "settings": {**settings.__dict__, "decoding": "greedy", "judge": "AdvBench refusal keywords"},
+        "torch": torch.__version__,
+        "models": results,
+    }
+    with staged_dir(out) as tmp:
+        write_json(tmp / "eval.json", report)
+        plot_comparison({label: r["metrics"] for label, r in results.items()}, tmp / "eval.png")
+    return report

@@ -1,0 +1,172 @@
+"""SN-Tune / RSN-Tune / full fine-tuning and deactivation, from files to a finished checkpoint.
+
+Both write a plain HF checkpoint (weights in the source's dtype, the source's tokenizer)
+plus a JSON manifest that accounts for every changed entry, and both build it in a temp
+dir that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from models.loading import LoadedModel, load_model
+from models.neurons import file_sha256
+from models.tuning.checkpoint import check_out_dir, save_checkpoint, stored_dtype, weights_sha256
+from models.tuning.data import encode_documents, read_records
+from models.tuning.masks import WeightMask, build_mask, parameter_count
+from models.tuning.sets import LoadedSet, load_set
+from models.tuning.trainer import TrainParams, mean_loss, train
+from neuronguard.errors import UsageError
+
+TUNE_MANIFEST = "tune.json"
+DEACTIVATE_MANIFEST = "deactivate.json"
+
+
+@dataclass(frozen=True)
+class SetChoice:
+    """A neuron file and how much of it to use."""
+
+    path: Path
+    k: int | None = None
+    top_frac: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    path: str
+    device: str = "cpu"
+    dtype: str = "auto"
+
+
+def _base_info(loaded: LoadedModel) -> dict[str, Any]:
+    return {"path": loaded.name, "config_sha256": loaded.fingerprint, "weights_sha256": weights_sha256(loaded.name) if Path(loaded.name).is_dir() else None}
+
+
+def _set_info(choice: SetChoice, chosen: LoadedSet) -> dict[str, Any]:
+    return {
+        "path": str(choice.path),
+        "sha256": chosen.sha256,
+        "kind": chosen.kind,
+        "method": chosen.metadata.get("method"),
+        "k": choice.k,
+        "top_frac": choice.top_frac,
+        "neurons": chosen.neurons,
+    }
+
+
+def _snapshot(loaded: LoadedModel, mask: WeightMask | None) -> dict[str, torch.Tensor]:
+    params = dict(loaded.model.named_parameters())
+    names = params if mask is None else dict(mask.items())
+    return {name: params[name].detach().clone() for name in names}
+
+
+def _changed(loaded: LoadedModel, before: dict[str, torch.Tensor], mask: WeightMask | None) -> dict[str, int]:
+    """Entries that moved, per tensor; raises if anything outside the mask moved."""
+    params = dict(loaded.model.named_parameters())
+    changed: dict[str, int] = {}
+    for name, old in before.items():
+        moved = params[name].detach() != old
+        if mask is not None and bool((moved & ~mask.masks[name]).any()):
+            raise RuntimeError(f"entries outside the neuron mask of {name} changed: masking is broken")
+        changed[name] = int(moved.sum())
+    return changed
+
+
+def _versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def tune(
+    model: ModelChoice,
+    data: Path,
+    out: Path,
+    hp: TrainParams,
+    *,
+    neurons: SetChoice | None,
+    exclude: SetChoice | None = None,
+    max_docs: int | None = None,
+    max_tokens: int = 256,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune the neurons' weights (all weights when `neurons` is None) and save a checkpoint."""
+    started = time.perf_counter()
+    out = check_out_dir(out, overwrite)
+    if max_docs is not None and max_docs <= 0:
+        raise UsageError(f"--max-docs {max_docs} must be positive")
+    rows = read_records(data, ["prompt", "response"])[:max_docs]
+    loaded = load_model(model.path, model.device, model.dtype)
+    mask, safety, foundation = None, None, None
+    if neurons is not None:
+        safety = load_set(neurons.path, loaded, neurons.k, neurons.top_frac)
+        mask = build_mask(loaded, safety.rows)
+        if exclude is not None:
+            foundation = load_set(exclude.path, loaded, exclude.k, exclude.top_frac)
+            mask = mask.minus(build_mask(loaded, foundation.rows))
+            if mask.count() == 0:
+                raise UsageError(f"--exclude '{exclude.path}' removes every weight of the tuned neurons: nothing left to tune")
+    elif exclude is not None:
+        raise UsageError("--exclude needs --neurons (it removes foundation neurons from a safety-neuron set)")
+    examples = encode_documents(loaded.tokenizer, rows, min(max_tokens, loaded.context_length))
+    pad_id = loaded.tokenizer.pad_token_id
+    loss_before = mean_loss(loaded.model, examples, pad_id, hp.batch_size)
+    before = _snapshot(loaded, mask)
+    result = train(loaded.model, examples, mask, hp, pad_id)
+    loss_after = mean_loss(loaded.model, examples, pad_id, hp.batch_size)
+    changed = _changed(loaded, before, mask)
+    total = parameter_count(loaded.model)
+    tuned = mask.count() if mask is not None else total
+    manifest = {
+        "format": "neuronguard.tune/1",
+        "method": "full" if mask is None else ("rsn-tune" if exclude is not None else "sn-tune"),
+        "base_model": _base_info(loaded),
+        "neurons": _set_info(neurons, safety) if neurons is not None and safety is not None else None,
+        "exclude": _set_info(exclude, foundation) if exclude is not None and foundation is not None else None,
+        "data": {"path": str(data), "sha256": file_sha256(data), "documents": len(examples), "max_tokens": max_tokens},
+        "hyperparameters": {**hp.to_dict(), "optimizer": "Adam(weight_decay=0)", "schedule": "cosine to 0", "mask_before_clip": True},
+        "parameters": {
+            "model_total": total,
+            "tunable_entries": tuned,
+            "tunable_fraction": tuned / total,
+            "changed_entries": sum(changed.values()),
+            "tensors_touched": sorted(n for n, c in changed.items() if c),
+        },
+        "metrics": {"response_loss_before": loss_before, "response_loss_after": loss_after, "loss_curve": result.losses},
+        "wall_seconds": {"train": result.seconds, "total": None},
+        "versions": _versions(),
+    }
+
+    def finish() -> dict[str, Any]:
+        manifest["wall_seconds"]["total"] = time.perf_counter() - started
+        return manifest
+
+    save_checkpoint(loaded.model, model.path, out, TUNE_MANIFEST, finish, stored_dtype(model.path))
+    return manifest
+
+
+def deactivate(model: ModelChoice, neurons: SetChoice, out: Path, *, random_seed: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Zero the neurons' rows/columns (or as many random ones per layer) and save a checkpoint."""
+    out = check_out_dir(out, overwrite)
+    loaded = load_model(model.path, model.device, model.dtype)
+    chosen = load_set(neurons.path, loaded, neurons.k, neurons.top_frac, random_seed=random_seed)
+    mask = build_mask(loaded, chosen.rows)
+    params = dict(loaded.model.named_parameters())
+    with torch.no_grad():
+        for name, m in mask.items():
+            params[name].masked_fill_(m, 0.0)
+    manifest = {
+        "format": "neuronguard.deactivate/1",
+        "method": "deact-r" if random_seed is not None else "deact-sn",
+        "random_seed": random_seed,
+        "base_model": _base_info(loaded),
+        "neurons": _set_info(neurons, chosen),
+        "parameters": {"model_total": parameter_count(loaded.model), "zeroed_entries": mask.count(), "tensors_touched": sorted(n for n, _ in mask.items())},
+        "versions": _versions(),
+    }
+    save_checkpoint(loaded.model, model.path, out, DEACTIVATE_MANIFEST, lambda: manifest, stored_dtype(model.path))
+    return manifest
