@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from neuronguard.errors import UsageError
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "detector.commands",
     "server.commands",
     "models.commands",
     "models.organism.commands",
