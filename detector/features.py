@@ -1,0 +1,54 @@
+"""Probe features: the served model's activations of chosen neurons.
+
+- Prefill features: the last prompt token of each chat-rendered prompt (what the server's
+  probe sees before the first token).
+- Stream features: each generated token's activation while the model decodes its own
+  completion (what the server's stream probe sees mid-generation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from detector.forward import chunks, model_kwargs, pad_batch
+from models.chat import encode_prompt
+from models.generation import SamplingParams, decode, stop_ids
+from models.hooks import NeuronSelection, capture
+from models.loading import LoadedModel
+
+
+@torch.inference_mode()
+def last_token_features(model: LoadedModel, prompts: Sequence[str], selection: NeuronSelection, batch_size: int = 32) -> torch.Tensor:
+    """[n, k] activations at the last prompt token (left padding puts it at position -1)."""
+    out = []
+    with capture(model.model, selection, sites=model.sites, positions="last") as cap:
+        for part in tqdm(list(chunks(prompts, batch_size)), desc="prompt features", unit="batch", leave=False):
+            cap.clear()
+            batch = pad_batch(model, [encode_prompt(model.tokenizer, p) for p in part])
+            model.model(**model_kwargs(model.model, batch))
+            out.append(cap.last().cpu())
+    return torch.cat(out)
+
+
+def generated_features(
+    model: LoadedModel, prompts: Sequence[str], selection: NeuronSelection, params: SamplingParams, batch_size: int = 32
+) -> list[torch.Tensor]:
+    """Per prompt, [t, k] activations at its generated tokens (stop token excluded)."""
+    if not params.stop_token_ids:
+        params = SamplingParams(**{**params.__dict__, "stop_token_ids": stop_ids(model.tokenizer, model.model)})
+    per_prompt: list[torch.Tensor] = []
+    for part in tqdm(list(chunks(prompts, batch_size)), desc="stream features", unit="batch", leave=False):
+        batch = pad_batch(model, [encode_prompt(model.tokenizer, p) for p in part])
+        rows: list[list[torch.Tensor]] = [[] for _ in part]
+        alive = torch.ones(len(part), dtype=torch.bool)
+        for step in decode(model.model, batch, params, sites=model.sites, probe=selection):
+            if step.index > 0:  # step i reads generated token i-1; step 0 is the last prompt token
+                for row in torch.nonzero(alive).flatten().tolist():
+                    rows[row].append(step.probe_activations[row].cpu())
+            alive &= ~step.finished.cpu()
+        empty = torch.empty(0, len(selection))
+        per_prompt += [torch.stack(r) if r else empty for r in rows]
+    return per_prompt

@@ -1,0 +1,59 @@
+"""Batched teacher-forced forward passes with per-layer MLP-input hooks.
+
+Detector passes see whole sequences (no KV cache), so hooks receive `[b, s, d_mlp]` with the
+batch shape known in advance; the hooks live in a context manager that always removes them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from models.generation import Batch, left_pad
+from models.loading import LoadedModel
+from models.sites import NeuronSites
+
+LayerFn = Callable[[int, torch.Tensor], None]
+
+
+def model_kwargs(model: PreTrainedModel, batch: Batch) -> dict[str, torch.Tensor]:
+    """Inputs of one full forward pass; left padding needs explicit position ids."""
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return kwargs
+
+
+@contextmanager
+def on_mlp_inputs(model: nn.Module, sites: NeuronSites, shape: tuple[int, int], fn: LayerFn) -> Iterator[None]:
+    """Call `fn(layer, x)` with every layer's MLP activation `x` [b, s, d_mlp] (read-only)."""
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            fn(layer, args[0].detach().reshape(*shape, -1))
+
+        return hook
+
+    try:
+        for layer_sites in sites.layers:
+            handles.append(layer_sites.down.register_forward_pre_hook(make_hook(layer_sites.index)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def pad_batch(loaded: LoadedModel, sequences: Sequence[Sequence[int]]) -> Batch:
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    return left_pad(sequences, pad_id, loaded.device)
+
+
+def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

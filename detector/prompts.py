@@ -1,0 +1,96 @@
+"""Prompt files for the detector: `.txt` (one per line), `.jsonl` (field `prompt`) or `.csv`.
+
+Every command reads prompts the same way, so `--label harmful` on a split file or `--column goal`
+on AdvBench's CSV works everywhere. Bad files are user errors (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.neurons import file_sha256
+from neuronguard.errors import UsageError
+
+CSV_COLUMNS: tuple[str, ...] = ("prompt", "goal", "Behavior")
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where a list of prompts came from: recorded in reports and bundle manifests."""
+
+    path: str
+    sha256: str
+    label: str | None
+    count: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"path": self.path, "sha256": self.sha256, "label": self.label, "count": self.count}
+
+
+def _jsonl(path: Path, label: str | None) -> list[str]:
+    prompts: list[str] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"'{path}' line {number} is not JSON: {exc.msg}") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise UsageError(f"'{path}' line {number} has no string field 'prompt'")
+        if label is None or row.get("label") == label:
+            prompts.append(row["prompt"])
+    return prompts
+
+
+def _csv(path: Path, column: str | None) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        fields = reader.fieldnames or []
+        chosen = column or next((c for c in CSV_COLUMNS if c in fields), None)
+        if chosen is None or chosen not in fields:
+            wanted = column or " or ".join(CSV_COLUMNS)
+            raise UsageError(f"'{path}' has no column {wanted} (columns: {', '.join(fields) or 'none'}): pass --column")
+        return [row[chosen] for row in reader if row.get(chosen)]
+
+
+def read_prompts(
+    path: str | Path, *, label: str | None = None, column: str | None = None, limit: int | None = None
+) -> tuple[list[str], PromptSource]:
+    """Non-empty prompts of a file (optionally only rows with `label`), at most `limit`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"prompt file '{path}' not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            prompts = _jsonl(path, label)
+        elif suffix == ".csv":
+            prompts = _csv(path, column)
+        elif suffix == ".txt":
+            prompts = path.read_text(encoding="utf-8").splitlines()
+        else:
+            raise UsageError(f"prompt file '{path}' must end in .txt, .jsonl or .csv")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"prompt file '{path}' is not UTF-8 text") from exc
+    if label is not None and suffix != ".jsonl":
+        raise UsageError(f"--label filters .jsonl files only, '{path}' is {suffix}")
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        detail = f" with label '{label}'" if label else ""
+        raise UsageError(f"prompt file '{path}' has no prompts{detail}")
+    if limit is not None:
+        prompts = prompts[:limit]
+    return prompts, PromptSource(str(path), file_sha256(path), label, len(prompts))
+
+
+def read_labeled(path: str | Path, limit_per_label: int | None = None) -> tuple[list[str], list[int], PromptSource]:
+    """A split file's prompts with labels (1 = harmful, 0 = harmless)."""
+    harmful, source = read_prompts(path, label="harmful")
+    harmless, _ = read_prompts(path, label="harmless")
+    harmful, harmless = harmful[:limit_per_label], harmless[:limit_per_label]
+    prompts = harmful + harmless
+    return prompts, [1] * len(harmful) + [0] * len(harmless), PromptSource(source.path, source.sha256, "harmful+harmless", len(prompts))
