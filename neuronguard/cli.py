@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from neuronguard.errors import UsageError
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "detector.commands",
     "server.commands",
     "models.commands",
     "models.organism.commands",
