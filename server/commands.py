@@ -56,8 +56,8 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise UsageError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    configure_logging(args.log_level.upper())
     preflight(settings)
+    configure_logging(args.log_level.upper())
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 

@@ -20,7 +20,7 @@ from models.generation import PatchSource, stop_ids
 from models.hooks import NeuronSelection
 from models.loading import LoadedModel, assert_same_architecture, config_fingerprint, load_model
 from neuronguard.errors import UsageError
-from server.guard import GuardPolicy
+from server.guard import GuardMode, GuardPolicy
 from server.settings import Settings
 
 log = logging.getLogger("neuronguard.server")
@@ -34,11 +34,14 @@ class Runtime:
     probe_selection: NeuronSelection  # the neurons both probes read, in bundle order
     stop_token_ids: frozenset[int]
     served_name: str
-    policy: GuardPolicy  # the server's default guard
 
     @property
     def stream_probe(self) -> Probe:
         return self.bundle.stream_probe or self.bundle.probe
+
+    def policy(self, mode: GuardMode) -> GuardPolicy:
+        """The server's guard: its mode from settings, thresholds from the bundle's probes."""
+        return GuardPolicy(mode, self.bundle.probe.threshold, self.stream_probe.threshold)
 
     @property
     def context_length(self) -> int:
@@ -92,11 +95,10 @@ def load_runtime(settings: Settings) -> Runtime:
         patch_source = PatchSource(source.model, bundle.neurons.top(k).selection(), source.sites)
     elif settings.guard_mode in ("patch", "block+patch"):
         raise UsageError(f"guard mode '{settings.guard_mode}' needs a patch source: set --patch-source")
-    policy = GuardPolicy(settings.guard_mode, bundle.probe.threshold, stream_probe.threshold)
     log.info(
         "loaded",
         extra={"model": settings.model, "bundle": bundle.name, "patch_source": settings.patch_source,
                "guard_mode": settings.guard_mode, "device": str(loaded.device)},
     )
     return Runtime(loaded, bundle, patch_source, probe_selection, stop_ids(loaded.tokenizer, loaded.model),
-                   served_name(settings), policy)
+                   served_name(settings))

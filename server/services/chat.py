@@ -55,7 +55,7 @@ class ChatService:
         arrival = time.perf_counter()
         runtime, scheduler = self.state.require()
         settings = self.state.settings
-        policy = policy_for(runtime, body.guard, settings.allow_guard_override)
+        policy = policy_for(runtime, settings, body.guard)
         ids = encode_messages(runtime, body.messages)
         budget = body.token_budget()
         if budget is None:

@@ -16,6 +16,7 @@ from server.guard import GuardPolicy, PolicyError, resolve_policy
 from server.protocol import ChatMessage, GuardOptions
 from server.runtime import Runtime
 from server.scheduler import JobBody, JobHandle, Overloaded, Scheduler
+from server.settings import Settings
 
 log = logging.getLogger("neuronguard.server")
 T = TypeVar("T")
@@ -46,10 +47,10 @@ def check_context(runtime: Runtime, prompt_tokens: int, new_tokens: int, param: 
                        param="max_tokens", code="context_length_exceeded")
 
 
-def policy_for(runtime: Runtime, options: GuardOptions | None, allow_override: bool) -> GuardPolicy:
+def policy_for(runtime: Runtime, settings: Settings, options: GuardOptions | None) -> GuardPolicy:
     try:
-        policy = resolve_policy(runtime.policy, options.mode if options else None,
-                                options.threshold if options else None, allow_override=allow_override)
+        policy = resolve_policy(runtime.policy(settings.guard_mode), options.mode if options else None,
+                                options.threshold if options else None, allow_override=settings.allow_guard_override)
     except PolicyError as exc:
         raise APIError(400, str(exc), param=exc.param, code="guard_override_not_allowed") from None
     if policy.patches and runtime.patch_source is None:

@@ -68,7 +68,7 @@ class ModerationService:
         runtime, _ = self.state.require()
         if (body.messages is None) == (body.prompt is None):
             raise APIError(400, "give exactly one of 'messages' or 'prompt'", param="messages", code="invalid_request")
-        policy = policy_for(runtime, body.guard, self.state.settings.allow_guard_override)
+        policy = policy_for(runtime, self.state.settings, body.guard)
         if body.messages is not None:
             ids = encode_messages(runtime, body.messages)
         else:
