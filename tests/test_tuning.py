@@ -294,3 +294,23 @@ def test_bad_inputs_exit_2_and_write_nothing(tiny_llama_path: Path, tmp_path: Pa
     assert run(tune + ["--neurons", neurons, "--k", 4, "--data", good, "--overwrite"]) == 0
     assert (out / "tune.json").is_file() and not (out / "keep.txt").exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
+def test_rsn_tune_excludes_whole_mlp_neurons_named_by_ffn_rows(tiny_llama_path: Path, tmp_path: Path) -> None:
+    """A foundation up row j is MLP neuron j: its gate row and down column stay fixed too."""
+    loaded = load_model(tiny_llama_path)
+    safety_path = mlp_set(loaded, tmp_path / "s.safetensors")
+    top = NeuronSet.load(safety_path).top(6)
+    layer, index = int(top.layer[0]), int(top.index[0])
+    foundation = weight_row_set(loaded, tmp_path / "f.safetensors", [("up_proj", layer, index)])
+    out = tmp_path / "rsn"
+    assert run(["tune", "--model", tiny_llama_path, "--neurons", safety_path, "--k", 6, "--exclude", foundation,
+                "--data", write_docs(tmp_path / "d.jsonl"), "--out", out, "--lr", 1e-2]) == 0
+    manifest = json.loads((out / "tune.json").read_text())
+    hidden = loaded.model.config.hidden_size
+    assert manifest["parameters"]["tunable_entries"] == 5 * 3 * hidden
+    after, before = tensors(out), tensors(tiny_llama_path)
+    prefix = f"model.layers.{layer}.mlp"
+    for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+        key = f"{prefix}.{name}.weight"
+        assert torch.equal(after[key].select(dim, index), before[key].select(dim, index))

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--data", type=Path, required=True, help='JSONL of {"prompt", "response"} documents')
     tune.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     tune.add_argument("--exclude", type=Path, help="foundation-neuron file to leave untouched (RSN-Tune)")
+    exclude = tune.add_mutually_exclusive_group()
+    exclude.add_argument("--exclude-top-frac", type=float, help="use the top F of the model's neurons from --exclude")
+    exclude.add_argument("--exclude-k", type=int, help="use the top K neurons of --exclude (default: all of them)")
     tune.add_argument("--lr", type=float, default=TrainParams.lr)
     tune.add_argument("--epochs", type=int, default=TrainParams.epochs)
     tune.add_argument("--batch-size", type=int, default=TrainParams.batch_size)
@@ -82,7 +85,7 @@ def run_tune(args: argparse.Namespace) -> int:
         args.out,
         hp,
         neurons=SetChoice(args.neurons, args.k, args.top_frac) if args.neurons else None,
-        exclude=SetChoice(args.exclude) if args.exclude else None,
+        exclude=SetChoice(args.exclude, args.exclude_k, args.exclude_top_frac) if args.exclude else None,
         max_docs=args.max_docs,
         max_tokens=args.max_tokens,
         overwrite=args.overwrite,

@@ -43,6 +43,19 @@ def mlp_rows(neurons: NeuronSet) -> list[RowSet]:
     return [RowSet(module, layers, indices) for module in MLP_MODULES]
 
 
+def whole_ffn_neurons(row_sets: list[RowSet]) -> list[RowSet]:
+    """Widen every up row / down column j to all of MLP neuron j (gate row, up row, down column).
+
+    Importance detection scores FFN neuron j once, for up row j and down column j alike: it
+    is MLP neuron j. Excluding it as a foundation neuron must keep all of its weights fixed.
+    """
+    ffn = [r for r in row_sets if r.module in MLP_MODULES]
+    if not ffn:
+        return row_sets
+    layers, indices = torch.cat([r.layers for r in ffn]), torch.cat([r.indices for r in ffn])
+    return [r for r in row_sets if r.module not in MLP_MODULES] + [RowSet(m, layers, indices) for m in MLP_MODULES]
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """GPT-2's Conv1D stores its weight as [in, out], the transpose of nn.Linear."""
     return type(module).__name__ == "Conv1D"

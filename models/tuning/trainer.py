@@ -78,10 +78,15 @@ def mask_and_clip_(params: Sequence[Trainable], max_norm: float) -> float:
 def train_step(
     model: nn.Module, batch: Batch, params: Sequence[Trainable], optimizer: torch.optim.Optimizer, max_norm: float
 ) -> tuple[float, float]:
-    """One update; returns (loss, gradient norm of the updated entries)."""
+    """One update; returns (loss, gradient norm of the updated entries).
+
+    Gradients are switched on here because inference-only code in the same process may have
+    disabled them globally (`torch.set_grad_enabled(False)`).
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss, _ = response_loss(model, batch)
-    loss.backward()
+    with torch.enable_grad():
+        loss, _ = response_loss(model, batch)
+        loss.backward()
     norm = mask_and_clip_(params, max_norm)
     optimizer.step()
     return float(loss.detach()), norm

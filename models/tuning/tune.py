@@ -19,7 +19,7 @@ from models.loading import LoadedModel, load_model
 from models.neurons import file_sha256
 from models.tuning.checkpoint import check_out_dir, save_checkpoint, stored_dtype, weights_sha256
 from models.tuning.data import encode_documents, read_records
-from models.tuning.masks import WeightMask, build_mask, parameter_count
+from models.tuning.masks import WeightMask, build_mask, parameter_count, whole_ffn_neurons
 from models.tuning.sets import LoadedSet, load_set
 from models.tuning.trainer import TrainParams, mean_loss, train
 from neuronguard.errors import UsageError
@@ -107,7 +107,7 @@ def tune(
         mask = build_mask(loaded, safety.rows)
         if exclude is not None:
             foundation = load_set(exclude.path, loaded, exclude.k, exclude.top_frac)
-            mask = mask.minus(build_mask(loaded, foundation.rows))
+            mask = mask.minus(build_mask(loaded, whole_ffn_neurons(foundation.rows)))
             if mask.count() == 0:
                 raise UsageError(f"--exclude '{exclude.path}' removes every weight of the tuned neurons: nothing left to tune")
     elif exclude is not None:
