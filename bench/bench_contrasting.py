@@ -1,0 +1,62 @@
+"""Contrasting memory does not grow with the corpus: peak RSS for 50 vs 400 prompts.
+
+    python -m bench.bench_contrasting [--small 50] [--large 400] [--max-new-tokens 16]
+
+Each size runs in a fresh subprocess so that its peak RSS (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from bench.bench_importance import ORGANISM, default_pair
+from detector.contrasting import contrast
+from detector.prompts import read_prompts
+
+
+def _prompts(n: int) -> list[str]:
+    split = ORGANISM / "data" / "splits" / "dev.jsonl"
+    pool = read_prompts(split)[0] if split.is_file() else [f"Tell me about topic number {i}" for i in range(n)]
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def child(n: int, max_new_tokens: int) -> None:
+    aligned, unaligned = default_pair()
+    prompts = _prompts(n)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    stats = contrast(aligned, unaligned, prompts, max_new_tokens=max_new_tokens, batch_size=16)
+    print(json.dumps({"prompts": n, "tokens": stats.count, "seconds": time.perf_counter() - start,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mib": rss_loaded / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=50)
+    parser.add_argument("--large", type=int, default=400)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.max_new_tokens)
+        return
+    results = []
+    for n in (args.small, args.large):
+        run = subprocess.run([sys.executable, "-m", "bench.bench_contrasting", "--child", str(n), "--max-new-tokens", str(args.max_new_tokens)],
+                             check=True, capture_output=True, text=True)
+        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    small, large = results
+    for r in results:
+        print(f"{r['prompts']:>4} prompts, {r['tokens']:>6} completion tokens: peak RSS {r['peak_rss_mib']:.0f} MiB "
+              f"(after loading {r['rss_after_load_mib']:.0f} MiB), {r['seconds']:.1f} s")
+    print(f"tokens ratio {large['tokens'] / small['tokens']:.1f}x, peak RSS ratio {large['peak_rss_mib'] / small['peak_rss_mib']:.3f}x, "
+          f"growth above model loading {(large['peak_rss_mib'] - large['rss_after_load_mib']) - (small['peak_rss_mib'] - small['rss_after_load_mib']):+.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
