@@ -19,15 +19,16 @@ from detector.contrasting import contrast
 from detector.prompts import read_prompts
 
 
-def _prompts(n: int) -> list[str]:
+def _prompts(n: int, pool_size: int) -> list[str]:
+    """n prompts cycling over the same `pool_size` harmful dev prompts: batch shapes repeat, only the corpus grows."""
     split = ORGANISM / "data" / "splits" / "dev.jsonl"
-    pool = read_prompts(split)[0] if split.is_file() else [f"Tell me about topic number {i}" for i in range(n)]
+    pool = read_prompts(split, label="harmful")[0][:pool_size] if split.is_file() else [f"Tell me about topic {i}" for i in range(pool_size)]
     return [pool[i % len(pool)] for i in range(n)]
 
 
-def child(n: int, max_new_tokens: int) -> None:
+def child(n: int, pool_size: int, max_new_tokens: int) -> None:
     aligned, unaligned = default_pair()
-    prompts = _prompts(n)
+    prompts = _prompts(n, pool_size)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     stats = contrast(aligned, unaligned, prompts, max_new_tokens=max_new_tokens, batch_size=16)
@@ -43,11 +44,11 @@ def main() -> None:
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.max_new_tokens)
+        child(args.child, args.small, args.max_new_tokens)
         return
     results = []
     for n in (args.small, args.large):
-        run = subprocess.run([sys.executable, "-m", "bench.bench_contrasting", "--child", str(n), "--max-new-tokens", str(args.max_new_tokens)],
+        run = subprocess.run([sys.executable, "-m", "bench.bench_contrasting", "--child", str(n), "--small", str(args.small), "--max-new-tokens", str(args.max_new_tokens)],
                              check=True, capture_output=True, text=True)
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))
     small, large = results
