@@ -96,7 +96,7 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_t
     """Plain text for perplexity: every next token is a target."""
     examples = []
     for text in texts:
-        ids = tokenizer.encode(text)[:max_tokens]
+        ids = tokenizer.encode(text, truncation=True, max_length=max_tokens)
         if len(ids) >= 2:
             examples.append(Example(ids[:-1], ids[1:]))
     return examples

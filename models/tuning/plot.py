@@ -27,6 +27,8 @@ def plot_comparison(results: Mapping[str, Mapping[str, float | None]], path: Pat
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
+        if factor == 100.0:
+            ax.set_ylim(0, 105)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
