@@ -61,9 +61,10 @@ def _set_info(choice: SetChoice, chosen: LoadedSet) -> dict[str, Any]:
 
 
 def _snapshot(loaded: LoadedModel, mask: WeightMask | None) -> dict[str, torch.Tensor]:
+    """Host copies of the tensors that may change (all of them for full fine-tuning)."""
     params = dict(loaded.model.named_parameters())
     names = params if mask is None else dict(mask.items())
-    return {name: params[name].detach().clone() for name in names}
+    return {name: params[name].detach().to("cpu", copy=True) for name in names}
 
 
 def _changed(loaded: LoadedModel, before: dict[str, torch.Tensor], mask: WeightMask | None) -> dict[str, int]:
@@ -71,8 +72,8 @@ def _changed(loaded: LoadedModel, before: dict[str, torch.Tensor], mask: WeightM
     params = dict(loaded.model.named_parameters())
     changed: dict[str, int] = {}
     for name, old in before.items():
-        moved = params[name].detach() != old
-        if mask is not None and bool((moved & ~mask.masks[name]).any()):
+        moved = params[name].detach().cpu() != old
+        if mask is not None and bool((moved & ~mask.masks[name].cpu()).any()):
             raise RuntimeError(f"entries outside the neuron mask of {name} changed: masking is broken")
         changed[name] = int(moved.sum())
     return changed
