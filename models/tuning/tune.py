@@ -83,6 +83,21 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def _tuning_mask(
+    loaded: LoadedModel, neurons: SetChoice, exclude: SetChoice | None
+) -> tuple[WeightMask, LoadedSet, LoadedSet | None]:
+    """Safety-neuron weights, minus whole foundation neurons' weights for RSN-Tune."""
+    safety = load_set(neurons.path, loaded, neurons.k, neurons.top_frac)
+    mask = build_mask(loaded, safety.rows)
+    if exclude is None:
+        return mask, safety, None
+    foundation = load_set(exclude.path, loaded, exclude.k, exclude.top_frac)
+    mask = mask.minus(build_mask(loaded, whole_ffn_neurons(foundation.rows)))
+    if mask.count() == 0:
+        raise UsageError(f"--exclude '{exclude.path}' removes every weight of the tuned neurons: nothing left to tune")
+    return mask, safety, foundation
+
+
 def tune(
     model: ModelChoice,
     data: Path,
@@ -100,19 +115,11 @@ def tune(
     out = check_out_dir(out, overwrite)
     if max_docs is not None and max_docs <= 0:
         raise UsageError(f"--max-docs {max_docs} must be positive")
+    if exclude is not None and neurons is None:
+        raise UsageError("--exclude needs --neurons (it removes foundation neurons from a safety-neuron set)")
     rows = read_records(data, ["prompt", "response"])[:max_docs]
     loaded = load_model(model.path, model.device, model.dtype)
-    mask, safety, foundation = None, None, None
-    if neurons is not None:
-        safety = load_set(neurons.path, loaded, neurons.k, neurons.top_frac)
-        mask = build_mask(loaded, safety.rows)
-        if exclude is not None:
-            foundation = load_set(exclude.path, loaded, exclude.k, exclude.top_frac)
-            mask = mask.minus(build_mask(loaded, whole_ffn_neurons(foundation.rows)))
-            if mask.count() == 0:
-                raise UsageError(f"--exclude '{exclude.path}' removes every weight of the tuned neurons: nothing left to tune")
-    elif exclude is not None:
-        raise UsageError("--exclude needs --neurons (it removes foundation neurons from a safety-neuron set)")
+    mask, safety, foundation = _tuning_mask(loaded, neurons, exclude) if neurons is not None else (None, None, None)
     examples = encode_documents(loaded.tokenizer, rows, min(max_tokens, loaded.context_length))
     pad_id = loaded.tokenizer.pad_token_id
     loss_before = mean_loss(loaded.model, examples, pad_id, hp.batch_size)
