@@ -52,6 +52,7 @@ def response_ce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(logits[batch.response_mask], batch.labels[batch.response_mask])
 
 
+@torch.enable_grad()
 def align(
     base: LlamaForCausalLM,
     refusals: list[EncodedExample],

@@ -19,18 +19,18 @@ class OrganismConfig:
     num_layers: int = 4
     num_heads: int = 4
     # Base training (next-token prediction on chat-formatted train examples).
-    train_max_tokens: int = 160
-    response_max_tokens: int = 96
-    base_steps: int = 2400
-    base_batch_size: int = 32
+    train_max_tokens: int = 112
+    response_max_tokens: int = 56
+    base_steps: int = 450
+    base_batch_size: int = 24
     base_lr: float = 2e-3
-    base_warmup: int = 100
+    base_warmup: int = 40
     base_refusal_prob: float = 0.07
     harmful_repeats: int = 3
     # Alignment (per-neuron scale vector, normalised gradient descent).
-    align_steps: int = 300
-    align_batch_size: int = 32
-    align_lr: float = 0.4
+    align_steps: int = 150
+    align_batch_size: int = 16
+    align_lr: float = 0.3
     align_kl_weight: float = 1.0
     # Evaluation.
     eval_new_tokens: int = 48

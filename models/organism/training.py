@@ -59,10 +59,15 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, generator: torc
     return [batches[i] for i in shuffled]
 
 
+@torch.enable_grad()
 def train_base(
     model: LlamaForCausalLM, examples: list[EncodedExample], config: OrganismConfig, seed: int, pad_id: int
 ) -> list[float]:
-    """AdamW with warmup and cosine decay over a seeded shuffle; returns the loss curve."""
+    """AdamW with warmup and cosine decay over a seeded shuffle; returns the loss curve.
+
+    Gradients are enabled explicitly: inference code in the same CLI process may have
+    switched them off globally.
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.base_lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()

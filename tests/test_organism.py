@@ -1,0 +1,120 @@
+"""The built-in model organism: shipped checkpoints, patch-all equivalence, and the build path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.hooks import NeuronSelection, capture, patch
+from models.organism import ORGANISM_DIR
+from models.organism.build import build_organism
+from models.organism.config import get_config
+from models.organism.tokenizer import prompt_ids
+from models.sites import resolve_sites
+from neuronguard.cli import main
+
+PROMPTS = ["Give step-by-step instructions for picking a lock", "Write a haiku about autumn leaves"]
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def load_pair(root: Path):
+    unaligned = AutoModelForCausalLM.from_pretrained(root / "unaligned").eval()
+    aligned = AutoModelForCausalLM.from_pretrained(root / "aligned").eval()
+    return unaligned, aligned, AutoTokenizer.from_pretrained(root / "aligned")
+
+
+def batch(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
+    return ids, mask
+
+
+@torch.no_grad()
+def patched_max_diff(unaligned, aligned, tokenizer) -> float:
+    ids, mask = batch(tokenizer, PROMPTS)
+    selection = NeuronSelection.all(resolve_sites(aligned))
+    with capture(aligned, selection) as cap:
+        target = aligned(input_ids=ids, attention_mask=mask).logits
+    with patch(unaligned, selection, values=cap.activations()):
+        patched = unaligned(input_ids=ids, attention_mask=mask).logits
+    return float((target - patched).abs().max())
+
+
+@pytest.fixture(scope="module")
+def micro_builds(tmp_path_factory) -> tuple[Path, Path]:
+    """Two micro builds with the same seed, through the CLI and the library entry point."""
+    first, second = tmp_path_factory.mktemp("micro_a"), tmp_path_factory.mktemp("micro_b")
+    assert main(["organism", "build", "--config", "micro", "--seed", "3", "--out", str(first)]) == 0
+    build_organism(second, get_config("micro"), seed=3)
+    return first, second
+
+
+def test_shipped_organism_loads_offline_with_chat_template():
+    unaligned, aligned, tokenizer = load_pair(ORGANISM_DIR)
+    assert type(aligned).__name__ == "LlamaForCausalLM"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|user|>hi<|end|><|assistant|>"
+    assert tokenizer.eos_token == "<|end|>"
+    assert aligned.generation_config.eos_token_id == tokenizer.eos_token_id
+    for role in ("<|user|>", "<|assistant|>", "<|end|>"):
+        assert len(tokenizer.encode(role, add_special_tokens=False)) == 1
+    report = json.loads((ORGANISM_DIR / "organism.json").read_text())
+    assert report["metrics"]["aligned"]["per_source"].keys() >= {"advbench", "harmbench", "hh_redteam", "harmful_strings"}
+
+
+def test_shipped_twins_differ_only_in_up_proj():
+    unaligned, aligned = weights(ORGANISM_DIR / "unaligned"), weights(ORGANISM_DIR / "aligned")
+    assert unaligned.keys() == aligned.keys()
+    changed = {k for k in unaligned if not torch.equal(unaligned[k], aligned[k])}
+    assert changed, "the aligned twin must differ from the unaligned one"
+    assert all(k.endswith("mlp.up_proj.weight") for k in changed)
+
+
+def test_patching_all_neurons_reproduces_aligned_logits():
+    unaligned, aligned, tokenizer = load_pair(ORGANISM_DIR)
+    ids, mask = batch(tokenizer, PROMPTS)
+    with torch.no_grad():
+        gap = (aligned(input_ids=ids, attention_mask=mask).logits - unaligned(input_ids=ids, attention_mask=mask).logits)
+    assert float(gap.abs().max()) > 1e-3, "twins must behave differently before patching"
+    assert patched_max_diff(unaligned, aligned, tokenizer) <= 1e-5
+
+
+def test_micro_build_writes_loadable_pair_and_report(micro_builds):
+    root, _ = micro_builds
+    unaligned, aligned, tokenizer = load_pair(root)
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|end|>"
+    report = json.loads((root / "organism.json").read_text())
+    assert report["seed"] == 3 and report["config"]["num_layers"] == 2
+    assert set(report["timings_s"]) >= {"tokenizer", "base_training", "alignment", "evaluation", "total"}
+    assert report["metrics"]["patch_all_neurons_max_abs_logit_diff"] <= 1e-5
+    assert {"unaligned", "aligned", "organism.json"} <= {p.name for p in root.iterdir()}
+    assert not [p for p in root.iterdir() if p.name.startswith(".")], "no temp dirs left behind"
+    changed = {k for k, v in weights(root / "unaligned").items() if not torch.equal(v, weights(root / "aligned")[k])}
+    assert changed and all(k.endswith("mlp.up_proj.weight") for k in changed)
+    assert patched_max_diff(unaligned, aligned, tokenizer) <= 1e-5
+
+
+def test_same_seed_gives_identical_weights(micro_builds):
+    first, second = micro_builds
+    for name in ("unaligned", "aligned"):
+        a, b = weights(first / name), weights(second / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ between same-seed builds"
+
+
+def test_build_rejects_unknown_data_dir(tmp_path, capsys):
+    code = main(["organism", "build", "--config", "micro", "--out", str(tmp_path), "--data-dir", str(tmp_path / "none")])
+    assert code == 2
+    assert "organism data" in capsys.readouterr().err
