@@ -51,7 +51,8 @@ def activations(loaded: LoadedModel, neurons: NeuronSet, k: int, prompt: str, st
     return torch.stack(rows)
 
 
-def build_bundle(directory: Path, model_dir: Path, seed: int = 0) -> Path:
+def build_bundle(directory: Path, model_dir: Path, seed: int = 0, probe_k: int = PROBE_K, stream_k: int = STREAM_K,
+                 patch_k: int = PATCH_K) -> Path:
     loaded = load_model(model_dir)
     directory.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -60,19 +61,19 @@ def build_bundle(directory: Path, model_dir: Path, seed: int = 0) -> Path:
     neurons.save(directory / NEURONS)
     digest = file_sha256(directory / NEURONS)
 
-    harmful = activations(loaded, neurons, PROBE_K, HARMFUL, 1)[0]
-    harmless = activations(loaded, neurons, PROBE_K, HARMLESS, 1)[0]
+    harmful = activations(loaded, neurons, probe_k, HARMFUL, 1)[0]
+    harmless = activations(loaded, neurons, probe_k, HARMLESS, 1)[0]
     direction = harmful - harmless
     coef = 4 * direction / direction.dot(direction)  # logit +2 on HARMFUL, -2 on HARMLESS
-    Probe(digest, PROBE_K, "last_prompt_token", ((harmful + harmless) / 2).tolist(), [1.0] * PROBE_K,
+    Probe(digest, probe_k, "last_prompt_token", ((harmful + harmless) / 2).tolist(), [1.0] * probe_k,
           coef.tolist(), 0.0, 0.5).save(directory / PROBE)
 
-    stream = activations(loaded, neurons, STREAM_K, HARMLESS, STREAM_TOKENS)[1:]
-    stream_coef = torch.randn(STREAM_K, generator=gen)
-    Probe(digest, STREAM_K, "generated", stream.mean(0).tolist(), (stream.std(0) + 1e-3).tolist(),
+    stream = activations(loaded, neurons, stream_k, HARMLESS, STREAM_TOKENS)[1:]
+    stream_coef = torch.randn(stream_k, generator=gen)
+    Probe(digest, stream_k, "generated", stream.mean(0).tolist(), (stream.std(0) + 1e-3).tolist(),
           (stream_coef / stream_coef.norm()).tolist(), -0.85, 0.95).save(directory / STREAM_PROBE)
 
-    manifest = {"format": "neuronguard.bundle/1", "name": "test-bundle", "patch_k": PATCH_K,
+    manifest = {"format": "neuronguard.bundle/1", "name": "test-bundle", "patch_k": patch_k,
                 "model": {"config_sha256": loaded.fingerprint}, "method": "test"}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return directory

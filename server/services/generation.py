@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
+from prometheus_client import Histogram
 
 from detector.probe import Probe
 from models.generation import SamplingParams, decode, left_pad
@@ -50,39 +51,46 @@ class GenerationResult:
 
 @dataclass
 class _Verdicts:
-    """The guard's verdicts for one request: the prefill one, and the first stream flag."""
+    """The guard's verdicts for one request: the prefill one, and the first stream flag.
+
+    Plain tuples per token; the pydantic report is built once, at the end.
+    """
 
     policy: GuardPolicy
     patched: bool
-    prefill: GuardReport | None = None
-    stream: GuardReport | None = None  # first flagged (or blocking) token, else the last allowed one
+    prefill: tuple[float, Decision] | None = None
+    stream: tuple[float, Decision] | None = None  # first flagged (or blocking) token, else the last allowed one
 
     def record(self, stage: Stage, score: float, decision: Decision) -> None:
-        threshold = self.policy.prefill_threshold if stage == "prefill" else self.policy.stream_threshold
-        report = GuardReport(mode=self.policy.mode, stage=stage, decision=decision, score=score,
-                             threshold=threshold, flagged=decision != "allow", patched=self.patched)
         if stage == "prefill":
-            self.prefill = report
-        elif self.stream is None or not self.stream.flagged:
-            self.stream = report
+            self.prefill = (score, decision)
+        elif self.stream is None or self.stream[1] == "allow":
+            self.stream = (score, decision)
+
+    def _report(self, stage: Stage, verdict: tuple[float, Decision]) -> GuardReport:
+        threshold = self.policy.prefill_threshold if stage == "prefill" else self.policy.stream_threshold
+        return GuardReport(mode=self.policy.mode, stage=stage, decision=verdict[1], score=verdict[0],
+                           threshold=threshold, flagged=verdict[1] != "allow", patched=self.patched)
 
     def report(self) -> GuardReport | None:
         """What the response shows: a stream flag if there was one, else the prefill verdict."""
-        return self.stream if self.stream is not None and self.stream.flagged else self.prefill
+        if self.stream is not None and self.stream[1] != "allow":
+            return self._report("stream", self.stream)
+        return self._report("prefill", self.prefill) if self.prefill is not None else None
 
     def count(self, metrics: Metrics) -> None:
         """One decision per stage per request (the alert rules count requests by prefill decisions)."""
-        for report in (self.prefill, self.stream):
-            if report is not None:
-                metrics.guard_decisions.labels(report.stage, report.decision).inc()
+        for stage, verdict in (("prefill", self.prefill), ("stream", self.stream)):
+            if verdict is not None:
+                metrics.guard_decisions.labels(stage, verdict[1]).inc()
 
 
-def score_one(probe: Probe, activations: torch.Tensor, metrics: Metrics, stage: Stage) -> float:
+def score_one(probe: Probe, activations: torch.Tensor, latency: Histogram, scores: Histogram) -> float:
     """Probe score of row 0 (`activations` [b, k_all]); observes latency and score."""
     start = time.perf_counter()
     score = float(probe.score(activations[:1, : probe.k])[0])
-    metrics.probe_latency.observe(time.perf_counter() - start)
-    metrics.probe_score.labels(stage).observe(score)
+    latency.observe(time.perf_counter() - start)
+    scores.observe(score)
     return score
 
 
@@ -98,6 +106,7 @@ def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: 
     stream = TextStream(loaded.tokenizer, job.stops)
     verdicts = _Verdicts(policy, patched=source is not None)
     metrics.prompt_tokens.inc(len(job.prompt_ids))
+    score_metrics = {stage: metrics.probe_score.labels(stage) for stage in ("prefill", "stream")}
     released = 0
     last_release = job.arrival
     pending: int | None = None
@@ -126,7 +135,7 @@ def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: 
                 assert step.probe_activations is not None
                 stage: Stage = "prefill" if step.index == 0 else "stream"
                 probe = runtime.bundle.probe if stage == "prefill" else runtime.stream_probe
-                score = score_one(probe, step.probe_activations, metrics, stage)
+                score = score_one(probe, step.probe_activations, metrics.probe_latency, score_metrics[stage])
                 decision = policy.decide(score, stage)
                 verdicts.record(stage, score, decision)
                 if decision == "block":
