@@ -323,8 +323,7 @@ def stop_after_layer(model: nn.Module, last_layer: int, *, sites: NeuronSites | 
 
     block = model.get_submodule(sites.layers_path)[last_layer]
     with _registered(handles):
-        if last_layer < sites.num_layers - 1:
-            handles.append(block.register_forward_hook(hook))
+        handles.append(block.register_forward_hook(hook))  # also skips the final norm and LM head
         yield
 
 
