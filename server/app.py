@@ -29,6 +29,11 @@ log = logging.getLogger("neuronguard.server")
 Loader = Callable[[Settings], Runtime]
 
 
+def _registered_hooks(runtime: Runtime) -> int:
+    models = [runtime.loaded.model] + ([runtime.patch_source.model] if runtime.patch_source else [])
+    return sum(count_hooks(m) for m in models)
+
+
 def _hook_guard(state: AppState) -> Callable[[], None]:
     """After every job: leaked hooks would leak into the next request, so stop serving."""
 
@@ -36,8 +41,7 @@ def _hook_guard(state: AppState) -> Callable[[], None]:
         runtime = state.runtime
         if runtime is None:
             return
-        models = [runtime.loaded.model] + ([runtime.patch_source.model] if runtime.patch_source else [])
-        if any(count_hooks(m) for m in models):
+        if _registered_hooks(runtime):
             state.failure = "hooks leaked on the shared model; restart the server"
             state.metrics.ready.set(0)
             log.critical(state.failure)
@@ -57,6 +61,7 @@ async def _load(state: AppState, loader: Loader, on_load_error: Callable[[BaseEx
         return
     state.scheduler = Scheduler(state.metrics, settings.max_queue, after_job=_hook_guard(state))
     state.runtime = runtime
+    state.metrics.registered_hooks.set_function(lambda: _registered_hooks(runtime))  # read live at each scrape
     state.metrics.model_info.labels(runtime.served_name, runtime.bundle.name).set(1)
     state.metrics.ready.set(1)
     log.info("ready", extra={"model": runtime.served_name, "bundle": runtime.bundle.name})

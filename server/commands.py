@@ -8,6 +8,8 @@ bound, so a mismatched bundle stops start-up with one clear line (exit code 2).
 from __future__ import annotations
 
 import argparse
+import signal
+from types import FrameType
 
 from neuronguard.errors import UsageError
 from server.guard import GUARD_MODES
@@ -41,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=serve)
 
 
+def _drained(_sig: int, _frame: FrameType | None) -> None:
+    """Receives the signal uvicorn re-raises after its graceful shutdown: nothing left to do."""
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn  # the CLI stays fast for other commands
     from pydantic import ValidationError
@@ -70,7 +76,14 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.graceful_shutdown_s, lifespan="on")
     server = uvicorn.Server(config)
-    server.run()
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal into the handler installed before it
+    # started: the default one kills the process (exit -15). A no-op one lets a drained server exit 0.
+    previous = {sig: signal.signal(sig, _drained) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if failed:
         raise UsageError(str(failed[0]) if isinstance(failed[0], UsageError) else f"loading failed: {failed[0]}")
     return 0

@@ -71,7 +71,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # union member tags such as "function-after[_encodable(), str]" are pydantic internals, not fields
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p)]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     if not loc:

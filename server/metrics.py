@@ -42,6 +42,9 @@ class Metrics:
         self.patched_tokens = Counter("neuronguard_patched_tokens", "Positions whose neurons were live-patched.", registry=r)
         self.queue_depth = Gauge("neuronguard_queue_depth", "Jobs waiting for the model worker.", registry=r)
         self.running = Gauge("neuronguard_running_requests", "Jobs running on the model worker.", registry=r)
+        self.registered_hooks = Gauge(
+            "neuronguard_registered_hooks", "Forward hooks on the served model and patch source (0 between jobs).", registry=r
+        )
         self.ready = Gauge("neuronguard_ready", "1 once model, bundle and patch source are loaded.", registry=r)
         self.model_info = Gauge("neuronguard_model_info", "The served model and guard bundle.", ["model", "bundle"], registry=r)
 

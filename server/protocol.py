@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from server.guard import Decision, GuardMode, Stage
 
 FinishReason = Literal["stop", "length", "content_filter"]
+
+
+def _encodable(text: str) -> str:
+    """JSON may escape lone surrogates (`"\\ud800"`); the tokenizer cannot encode them (was a 500)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class ErrorBody(BaseModel):
@@ -36,12 +48,12 @@ class _Request(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: str
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -68,7 +80,7 @@ class ChatCompletionRequest(_Request):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -161,7 +173,7 @@ class ChatCompletionChunk(BaseModel):
 
 
 class ModerationRequest(_Request):
-    input: str | list[str]
+    input: Text | list[Text]
     model: str | None = None
 
     @field_validator("input")
@@ -190,7 +202,7 @@ class ModerationResponse(BaseModel):
 
 class GuardCheckRequest(_Request):
     messages: list[ChatMessage] | None = None
-    prompt: str | None = None
+    prompt: Text | None = None
     guard: GuardOptions | None = None
 
 

@@ -35,12 +35,14 @@ from server.services.common import (
     log_extra,
     policy_for,
     submit,
+    tokenize_off_loop,
     until_done_or_gone,
 )
 from server.services.generation import GenerationJob, GenerationResult, TextDelta, run_generation
 from server.state import AppState
 
 log = logging.getLogger("neuronguard.server")
+MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy in all but name
 
 
 def sse(payload: dict | str) -> str:
@@ -56,12 +58,14 @@ class ChatService:
         runtime, scheduler = self.state.require()
         settings = self.state.settings
         policy = policy_for(runtime, settings, body.guard)
-        ids = encode_messages(runtime, body.messages)
+        ids = await tokenize_off_loop(encode_messages, runtime, body.messages)
         budget = body.token_budget()
         if budget is None:
             budget = min(settings.max_tokens_default, runtime.context_length - len(ids))
         check_context(runtime, len(ids), budget, "messages")
-        params = SamplingParams(max_new_tokens=budget, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        # logits / temperature overflows to inf below ~1e-37 (a 503 guard_error); such temperatures are greedy anyway
+        temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
+        params = SamplingParams(max_new_tokens=budget, temperature=temperature, top_p=body.top_p, seed=body.seed)
         job = GenerationJob(ids, params, policy, body.stop or [], arrival)
         metrics = self.state.metrics
         handle = submit(scheduler, lambda ctx: run_generation(runtime, metrics, job, ctx))

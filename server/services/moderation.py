@@ -18,13 +18,34 @@ from server.protocol import (
     ModerationResponse,
     ModerationResult,
 )
-from server.services.common import ClientGone, check_context, encode_messages, fail_closed, policy_for, request_id, submit, until_done_or_gone
+from server.runtime import Runtime
+from server.services.common import (
+    ClientGone,
+    check_context,
+    encode_messages,
+    fail_closed,
+    policy_for,
+    request_id,
+    submit,
+    tokenize_off_loop,
+    until_done_or_gone,
+)
 from server.services.prefill import score_prompts
 from server.state import AppState
 
 CATEGORY = "harmful"  # the probe predicts one thing: whether the model's answer would be harmful
 MAX_INPUTS = 64
 TOP_CONTRIBUTIONS = 10
+
+
+def _encode_prompt(runtime: Runtime, text: str, param: str) -> list[int]:
+    """A prompt's ids, or a 400 (unencodable, or longer than the context)."""
+    try:
+        ids = encode_prompt(runtime.loaded.tokenizer, text)
+    except UsageError as exc:
+        raise APIError(400, str(exc), param=param, code="invalid_request") from None
+    check_context(runtime, len(ids), 0, param)
+    return ids
 
 
 class ModerationService:
@@ -47,14 +68,7 @@ class ModerationService:
         texts = body.texts()
         if len(texts) > MAX_INPUTS:
             raise APIError(400, f"at most {MAX_INPUTS} inputs per request", param="input", code="invalid_request")
-        prompts: list[list[int]] = []
-        for text in texts:
-            try:
-                ids = encode_prompt(runtime.loaded.tokenizer, text)
-            except UsageError as exc:
-                raise APIError(400, str(exc), param="input", code="invalid_request") from None
-            check_context(runtime, len(ids), 0, "input")
-            prompts.append(ids)
+        prompts = await tokenize_off_loop(lambda: [_encode_prompt(runtime, text, "input") for text in texts])
         scores, _ = await self._score(request, prompts)
         threshold = runtime.bundle.probe.threshold
         results = [
@@ -70,13 +84,9 @@ class ModerationService:
             raise APIError(400, "give exactly one of 'messages' or 'prompt'", param="messages", code="invalid_request")
         policy = policy_for(runtime, self.state.settings, body.guard)
         if body.messages is not None:
-            ids = encode_messages(runtime, body.messages)
+            ids = await tokenize_off_loop(encode_messages, runtime, body.messages)
         else:
-            try:
-                ids = encode_prompt(runtime.loaded.tokenizer, body.prompt or "")
-            except UsageError as exc:
-                raise APIError(400, str(exc), param="prompt", code="invalid_request") from None
-            check_context(runtime, len(ids), 0, "prompt")
+            ids = await tokenize_off_loop(_encode_prompt, runtime, body.prompt or "", "prompt")
         scores, contributions = await self._score(request, [ids])
         score = float(scores[0])
         row = contributions[0]  # [k]

@@ -1,0 +1,282 @@
+"""Load test: many concurrent clients against a live server on loopback, checked for cross-talk.
+
+Every prompt is first sent alone; then `--clients` clients send `--requests` each
+(harmful and harmless, streaming and not, greedy) at once. The guard report (decision,
+stage, score) and the text each request gets under load must equal what it got alone,
+the only errors allowed are 503 `overloaded`, the registered-hooks gauge must read 0
+before and after, and the server's resident memory must stay flat.
+
+Serves the built-in organism when it has been built, else a tiny random model with a
+planted bundle (tests/server_fixtures.py), in a `neuronguard serve` subprocess:
+
+    .venv/bin/python -m bench.load_test                     # 64 clients x 4 requests
+    .venv/bin/python -m bench.load_test --max-queue 8       # sustained overload: 503 rate
+
+`tests/test_reliability_load.py` runs the same checks in a reduced form in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+Outcome = tuple[Any, ...]  # what must not change under load: (status, finish reason, text, guard report)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(app: Any, timeout_s: float = 60.0) -> Iterator[str]:
+    """Run `app` under a real uvicorn server on 127.0.0.1 in a thread; yield its base URL once ready."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"server on {base} not ready after {timeout_s} s")
+            time.sleep(0.05)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def chat_body(prompt: str, stream: bool, max_tokens: int) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": stream}
+
+
+def _guard_key(guard: dict[str, Any] | None) -> tuple[Any, ...] | None:
+    return None if guard is None else (guard["decision"], guard["stage"], guard["score"], guard["patched"])
+
+
+async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Outcome:
+    """Send one chat request; return its comparable outcome."""
+    if not body["stream"]:
+        response = await client.post("/v1/chat/completions", json=body)
+        data = response.json()
+        if response.status_code != 200:
+            return (response.status_code, data["error"]["code"])
+        choice = data["choices"][0]
+        return (200, choice["finish_reason"], choice["message"]["content"], _guard_key(data.get("guard")))
+    text, finish, guard = "", None, None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            return (response.status_code, json.loads(await response.aread())["error"]["code"])
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if "error" in event:
+                return (200, "stream-error", event["error"]["code"])
+            for choice in event["choices"]:
+                text += choice["delta"].get("content") or ""
+                finish = choice.get("finish_reason") or finish
+            guard = event.get("guard") or guard
+    return (200, finish, text, _guard_key(guard))
+
+
+@dataclass
+class LoadReport:
+    requests: int = 0
+    alone: list[Outcome] = field(default_factory=list)  # each workload item's outcome when sent alone
+    overloaded: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    max_queue_depth: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and not self.errors
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_s) or [0.0]
+        return {"requests": self.requests, "overloaded_503": self.overloaded,
+                "overload_rate": round(self.overloaded / max(1, self.requests), 3),
+                "mismatches": len(self.mismatches), "errors": len(self.errors), "wall_s": round(self.wall_s, 2),
+                "p50_s": round(lat[len(lat) // 2], 3), "p99_s": round(lat[int(len(lat) * 0.99)], 3),
+                "max_queue_depth_seen": self.max_queue_depth}
+
+
+def metric(base: str, name: str) -> float:
+    """Sum of every sample of `name` on /metrics (0 when absent)."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+async def run_load(base: str, workload: list[dict[str, Any]], clients: int, requests_each: int,
+                   headers: dict[str, str] | None = None) -> LoadReport:
+    """Baseline each body alone, then `clients` concurrent clients x `requests_each`; compare outcomes."""
+    report = LoadReport()
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits, headers=headers) as client:
+        alone = report.alone = [await one_request(client, body) for body in workload]
+        for body, outcome in zip(workload, alone):
+            if outcome[0] != 200 or outcome[1] == "stream-error":
+                report.errors.append(f"alone: {outcome} for {body}")
+        watching = True
+
+        async def watch_queue() -> None:
+            while watching:
+                depth = await client.get("/metrics")
+                for line in depth.text.splitlines():
+                    if line.startswith("neuronguard_queue_depth "):
+                        report.max_queue_depth = max(report.max_queue_depth, float(line.split()[-1]))
+                await asyncio.sleep(0.05)
+
+        async def worker(worker_id: int) -> None:
+            for n in range(requests_each):
+                i = (worker_id * requests_each + n) % len(workload)
+                start = time.perf_counter()
+                try:
+                    outcome = await one_request(client, workload[i])
+                except httpx.HTTPError as exc:
+                    report.errors.append(f"client {worker_id}: {type(exc).__name__}: {exc}")
+                    continue
+                report.latencies_s.append(time.perf_counter() - start)
+                report.requests += 1
+                if outcome == (503, "overloaded"):
+                    report.overloaded += 1
+                elif outcome[0] != 200 or outcome[1] == "stream-error":
+                    report.errors.append(f"client {worker_id}: {outcome}")
+                elif outcome != alone[i]:
+                    report.mismatches.append(f"request {i}: alone {alone[i]} vs under load {outcome}")
+
+        watcher = asyncio.ensure_future(watch_queue())
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(clients)))
+        report.wall_s = time.perf_counter() - start
+        watching = False
+        await watcher
+    return report
+
+
+def mixed_workload(harmful: list[str], harmless: list[str], max_tokens: int) -> list[dict[str, Any]]:
+    """Every prompt both streaming and not, harmful and harmless interleaved."""
+    prompts = [p for pair in zip(harmful, harmless) for p in pair]
+    return [chat_body(p, stream, max_tokens) for p in prompts for stream in (False, True)]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _served_files(tmp: Path) -> tuple[list[str], list[str], list[str]]:
+    """(serve arguments, harmful prompts, harmless prompts): the organism, else tiny fixtures."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from server_fixtures import HARMFUL, HARMLESS, organism_available
+
+    if organism_available():
+        rows = [json.loads(line) for line in (ROOT / "models/organism/data/splits/test.jsonl").read_text().splitlines()
+                if line.strip()]
+        pick = lambda label: [r["prompt"] for r in rows if r["label"] == label][:8]  # noqa: E731
+        return [], pick("harmful"), pick("harmless")
+    subprocess.run([sys.executable, str(ROOT / "tests/server_fixtures.py"), str(tmp)], check=True, capture_output=True)
+    args = ["--model", str(tmp / "model"), "--bundle", str(tmp / "bundle"), "--patch-source", str(tmp / "twin")]
+    harmful = [HARMFUL, HARMFUL + " Now.", "Write a poem about the sea.", "A poem about the wind, please."]
+    harmless = [HARMLESS, HARMLESS + " Quickly.", "Mix flour and water", "How do I knead dough?"]
+    return args, harmful, harmless
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--rounds", type=int, default=3, help="load rounds (memory is sampled after each)")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--rss-tolerance-mb", type=float, default=64.0)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="neuronguard-load-"))
+    serve_args, harmful, harmless = _served_files(tmp)
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NEURONGUARD_DEVICE": "cpu"}
+    log = (tmp / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "neuronguard.cli", "serve", *serve_args, "--port", str(port),
+                             "--max-queue", str(args.max_queue), "--log-level", "warning"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        workload = mixed_workload(harmful, harmless, args.max_tokens)
+        hooks_before = metric(base, "neuronguard_registered_hooks")
+        rss = [rss_mb(proc.pid)]
+        reports = []
+        for _ in range(args.rounds):
+            reports.append(asyncio.run(run_load(base, workload, args.clients, args.requests)))
+            rss.append(rss_mb(proc.pid))
+        hooks_after = metric(base, "neuronguard_registered_hooks")
+        growth = rss[-1] - rss[1]  # after the first round: allocator and caches are warm
+        result = {"clients": args.clients, "requests_per_client": args.requests, "max_queue": args.max_queue,
+                  "rounds": [r.summary() for r in reports], "registered_hooks_before_after": [hooks_before, hooks_after],
+                  "rss_mb": [round(r, 1) for r in rss], "rss_growth_after_warmup_mb": round(growth, 1),
+                  "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        print(json.dumps(result, indent=2))
+        for r in reports:
+            for line in (r.mismatches + r.errors)[:5]:
+                print("FAIL:", line, file=sys.stderr)
+        failed = (any(not r.ok for r in reports) or hooks_after != 0 or hooks_before != 0
+                  or growth > args.rss_tolerance_mb)
+        raise SystemExit(1 if failed else 0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+if __name__ == "__main__":
+    main()

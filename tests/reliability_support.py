@@ -1,0 +1,47 @@
+"""Fixtures shared by the reliability tests: the tiny model, its planted bundle and the runtime.
+
+The planted probes give known harmful/harmless prompts (server_fixtures.HARMFUL/HARMLESS),
+so these tests stay fast and exact; the built-in organism is exercised by bench/load_test.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from server.app import create_app
+from server.runtime import Runtime, load_runtime
+from server.settings import Settings
+from server_fixtures import build_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_bundle(tmp_path_factory.mktemp("bundle"), tiny_llama_path)
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_llama_path: Path, tiny_twin_path: Path, bundle_path: Path) -> Settings:
+    return Settings(model=str(tiny_llama_path), bundle=str(bundle_path), patch_source=str(tiny_twin_path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def runtime(settings: Settings) -> Runtime:
+    return load_runtime(settings)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def app_for(runtime: Runtime, settings: Settings, **overrides: Any) -> FastAPI:
+    return create_app(settings.model_copy(update=overrides), loader=lambda _s: runtime)
+
+
+def chat(content: str, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": max_tokens, **extra}
