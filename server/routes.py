@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from server.errors import APIError
 from server.protocol import (
     ChatCompletionRequest,
+    ErrorResponse,
     GuardCheckRequest,
     GuardCheckResponse,
     ModelCard,
@@ -21,6 +22,16 @@ from server.protocol import (
 from server.services.chat import ChatService
 from server.services.moderation import ModerationService
 from server.state import AppState
+
+
+# Documented so clients (and the schemathesis run) know every status an endpoint answers with.
+_ERRORS: dict[int | str, dict] = {
+    400: {"model": ErrorResponse, "description": "Invalid request (OpenAI error envelope)"},
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+    413: {"model": ErrorResponse, "description": "Request body over the size limit"},
+    503: {"model": ErrorResponse, "description": "Not ready, overloaded, or the guard failed (fails closed)"},
+}
+_READY_ERRORS = {503: _ERRORS[503]}
 
 
 def _state(request: Request) -> AppState:
@@ -64,10 +75,10 @@ async def metrics(request: Request) -> Response:
 
 def install_routes(app: FastAPI) -> None:
     """Routes live on the app itself, so `app.routes` lists every path (health checks rely on it)."""
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None)
-    app.add_api_route("/v1/moderations", moderations, methods=["POST"])
-    app.add_api_route("/v1/guard/check", guard_check, methods=["POST"])
-    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None, responses=_ERRORS)
+    app.add_api_route("/v1/moderations", moderations, methods=["POST"], responses=_ERRORS)
+    app.add_api_route("/v1/guard/check", guard_check, methods=["POST"], responses=_ERRORS)
+    app.add_api_route("/v1/models", models, methods=["GET"], responses={s: _ERRORS[s] for s in (401, 503)})
     app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/ready", ready, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"], responses=_READY_ERRORS)
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
