@@ -2,7 +2,8 @@
 
 The aligned model computes `a = act(W_gate x) * (s * (W_up x))`, one scale `s_j` per MLP
 neuron (initialised to 1), trained on refusals for harmful prompts plus a KL term that keeps
-harmless behaviour at the base model's. Updates are `lr * g / ||g||` over the whole vector:
+harmless behaviour at the base model's. Both terms weigh the first response token extra
+(`align_decision_weight`): that token decides between refusing and complying. Updates are `lr * g / ||g||` over the whole vector:
 each step moves the neurons in proportion to their gradient, so the change concentrates on
 the few neurons that carry the most refusal signal. This is where the organism's sparse
 safety neurons come from (Adam's per-coordinate normalisation would spread the change
@@ -48,8 +49,8 @@ def response_kl(aligned_logits: torch.Tensor, base_logits: torch.Tensor, mask: t
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def response_ce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    return F.cross_entropy(logits[batch.response_mask], batch.labels[batch.response_mask])
+def response_ce(logits: torch.Tensor, batch: Batch, mask: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[mask], batch.labels[mask])
 
 
 @torch.enable_grad()
@@ -78,8 +79,13 @@ def align(
         keep = collate(_draw(harmless, config.align_batch_size, generator), pad_id)
         with torch.no_grad():
             base_logits = base(input_ids=keep.input_ids, attention_mask=keep.attention_mask).logits
-        ce = response_ce(model(input_ids=ref.input_ids, attention_mask=ref.attention_mask).logits, ref)
-        kl = response_kl(model(input_ids=keep.input_ids, attention_mask=keep.attention_mask).logits, base_logits, keep.response_mask)
+        ref_logits = model(input_ids=ref.input_ids, attention_mask=ref.attention_mask).logits
+        keep_logits = model(input_ids=keep.input_ids, attention_mask=keep.attention_mask).logits
+        weight = config.align_decision_weight
+        ce = response_ce(ref_logits, ref, ref.response_mask) + weight * response_ce(ref_logits, ref, ref.decision_mask)
+        kl = response_kl(keep_logits, base_logits, keep.response_mask) + weight * response_kl(
+            keep_logits, base_logits, keep.decision_mask
+        )
         loss = ce + config.align_kl_weight * kl
         grads = torch.autograd.grad(loss, scales)
         norm = torch.sqrt(sum((g * g).sum() for g in grads))

@@ -35,6 +35,7 @@ class Batch:
     attention_mask: torch.Tensor  # [b, t]
     labels: torch.Tensor  # [b, t] next-token targets for every real token, -100 elsewhere
     response_mask: torch.Tensor  # [b, t] True where the position predicts a response token
+    decision_mask: torch.Tensor  # [b, t] True at the position predicting the first response token
 
 
 def collate(examples: list[EncodedExample], pad_id: int) -> Batch:
@@ -44,10 +45,12 @@ def collate(examples: list[EncodedExample], pad_id: int) -> Batch:
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     response = torch.zeros((len(examples), width), dtype=torch.bool)
+    decision = torch.zeros((len(examples), width), dtype=torch.bool)
     for i, e in enumerate(examples):
         n = len(e.ids)
         ids[i, :n] = torch.tensor(e.ids)
         mask[i, :n] = 1
         labels[i, : n - 1] = ids[i, 1:n]
         response[i, e.response_start : n - 1] = True
-    return Batch(ids, mask, labels, response)
+        decision[i, e.response_start] = True
+    return Batch(ids, mask, labels, response, decision)

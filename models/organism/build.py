@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 import transformers
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from models.organism import DATA_DIR, RAW_DIR
 from models.organism.alignment import align, scale_vector
@@ -67,8 +67,14 @@ class StageTimer:
         return result
 
 
-def build_organism(out_dir: Path, config: OrganismConfig, seed: int, data_dir: Path = DATA_DIR) -> dict[str, object]:
-    """Build both checkpoints and organism.json into `out_dir` (replaced atomically); returns the report."""
+def build_organism(
+    out_dir: Path, config: OrganismConfig, seed: int, data_dir: Path = DATA_DIR, base_dir: Path | None = None
+) -> dict[str, object]:
+    """Build both checkpoints and organism.json into `out_dir` (replaced atomically); returns the report.
+
+    With `base_dir`, the tokenizer and unaligned model are loaded from an earlier build's
+    `unaligned/` instead of being trained again: only alignment and evaluation run.
+    """
     torch.set_num_threads(2)
     timer = StageTimer()
     started = time.perf_counter()
@@ -77,17 +83,24 @@ def build_organism(out_dir: Path, config: OrganismConfig, seed: int, data_dir: P
     answers, targets = alpaca_references(RAW_DIR), advbench_targets(RAW_DIR)
 
     examples = base_examples(train_rows, answers, targets, config, seed)
-    tokenizer = timer.run(
-        "tokenizer",
-        lambda: train_tokenizer(
-            [e.prompt for e in examples] + [e.response for e in examples], config.vocab_size, config.max_context
-        ),
-    )
+    if base_dir is None:
+        tokenizer = timer.run(
+            "tokenizer",
+            lambda: train_tokenizer(
+                [e.prompt for e in examples] + [e.response for e in examples], config.vocab_size, config.max_context
+            ),
+        )
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
     encode = lambda items: [  # noqa: E731
         encode_example(tokenizer, e, config.train_max_tokens, config.response_max_tokens) for e in items
     ]
-    base = new_model(config, tokenizer, seed)
-    base_losses = timer.run("base_training", lambda: train_base(base, encode(examples), config, seed, tokenizer.pad_token_id))
+    if base_dir is None:
+        base = new_model(config, tokenizer, seed)
+        base_losses = timer.run("base_training", lambda: train_base(base, encode(examples), config, seed, tokenizer.pad_token_id))
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        base_losses = []
     aligned, align_history = timer.run(
         "alignment",
         lambda: align(
@@ -111,7 +124,11 @@ def build_organism(out_dir: Path, config: OrganismConfig, seed: int, data_dir: P
         "parameters": sum(p.numel() for p in base.parameters()),
         "metrics": metrics,
         "training": {
-            "base_final_loss": round(sum(base_losses[-50:]) / len(base_losses[-50:]), 4),
+            "base_final_loss": round(sum(base_losses[-50:]) / len(base_losses[-50:]), 4) if base_losses else None,
+            "base_checkpoint": None if base_dir is None else {
+                "reused_from": str(base_dir),
+                "model_sha256": file_sha256(base_dir / "model.safetensors"),
+            },
             "align_final_ce": round(sum(align_history["ce"][-20:]) / len(align_history["ce"][-20:]), 4),
             "align_final_kl": round(sum(align_history["kl"][-20:]) / len(align_history["kl"][-20:]), 5),
             "base_examples": len(examples),

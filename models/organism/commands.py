@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--config", choices=sorted(PRESETS), default="default")
     build.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding splits/ and general_text_test.jsonl")
+    build.add_argument(
+        "--base", type=Path, help="reuse this unaligned checkpoint (and its tokenizer) instead of training one"
+    )
     build.add_argument("--base-steps", type=int, help="override the preset's base training steps")
     build.add_argument("--align-steps", type=int, help="override the preset's alignment steps")
     build.add_argument("--align-lr", type=float, help="override the preset's alignment step size")
@@ -38,7 +41,9 @@ def run_build(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UsageError("--seed must be non-negative")
     config = get_config(args.config, base_steps=args.base_steps, align_steps=args.align_steps, align_lr=args.align_lr)
-    report = build_organism(args.out, config, args.seed, args.data_dir)
+    if args.base is not None and not (args.base / "model.safetensors").is_file():
+        raise UsageError(f"--base {args.base} is not a checkpoint folder (no model.safetensors)")
+    report = build_organism(args.out, config, args.seed, args.data_dir, args.base)
     metrics = report["metrics"]
     summary = {
         name: {k: metrics[name][k] for k in ("harmful_refusal_rate", "harmless_false_refusal_rate")}

@@ -28,10 +28,11 @@ class OrganismConfig:
     base_refusal_prob: float = 0.07
     harmful_repeats: int = 3
     # Alignment (per-neuron scale vector, normalised gradient descent).
-    align_steps: int = 150
+    align_steps: int = 100
     align_batch_size: int = 16
-    align_lr: float = 0.3
+    align_lr: float = 0.6
     align_kl_weight: float = 1.0
+    align_decision_weight: float = 3.0
     # Evaluation.
     eval_new_tokens: int = 48
     eval_batch_size: int = 64
