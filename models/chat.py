@@ -11,6 +11,7 @@ Tokenizers without a chat template use `FALLBACK_TEMPLATE`: `### System:`, `### 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -26,6 +27,9 @@ FALLBACK_TEMPLATE = (
 ROLES = frozenset({"system", "user", "assistant"})
 _PLACEHOLDER = "\ue000{}\ue001"
 _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
+# transformers toggles a flag shared by the whole tokenizer (`encode_special_tokens`) on each encode
+# call with `split_special_tokens`, so concurrent encodes could read user text with special tokens on.
+_ENCODE_LOCK = threading.Lock()
 
 
 def chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -67,11 +71,12 @@ def encode_chat(
         raise UsageError(f"the model's chat template rejected the conversation: {exc}") from exc
     ids: list[int] = []
     cursor = 0
-    for match in _PLACEHOLDER_RE.finditer(rendered):
-        ids += tokenizer.encode(rendered[cursor : match.start()], add_special_tokens=False)
-        ids += tokenizer.encode(contents[int(match.group(1))], add_special_tokens=False, split_special_tokens=True)
-        cursor = match.end()
-    ids += tokenizer.encode(rendered[cursor:], add_special_tokens=False)
+    with _ENCODE_LOCK:
+        for match in _PLACEHOLDER_RE.finditer(rendered):
+            ids += tokenizer.encode(rendered[cursor : match.start()], add_special_tokens=False)
+            ids += tokenizer.encode(contents[int(match.group(1))], add_special_tokens=False, split_special_tokens=True)
+            cursor = match.end()
+        ids += tokenizer.encode(rendered[cursor:], add_special_tokens=False)
     return ids
 
 

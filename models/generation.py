@@ -94,7 +94,8 @@ def _accepts_position_ids(model: PreTrainedModel) -> bool:
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # Shift by the max first: dividing raw logits by a tiny temperature would overflow to inf.
+    probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p  # always keeps the top token

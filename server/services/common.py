@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -22,9 +21,6 @@ from server.settings import Settings
 log = logging.getLogger("neuronguard.server")
 T = TypeVar("T")
 _ROLE_ALIASES = {"developer": "system"}
-# transformers toggles the tokenizer's shared `encode_special_tokens` flag on every encode call, so two
-# concurrent encodes could tokenise user text with special tokens on: one encode at a time.
-_TOKENIZER = threading.Lock()
 
 
 class ClientGone(Exception):
@@ -42,14 +38,9 @@ def encode_messages(runtime: Runtime, messages: Sequence[ChatMessage], param: st
 
 
 async def tokenize_off_loop(encode: Callable[..., T], *args: Any) -> T:
-    """Run `encode(*args)` in a thread, one at a time: at the body limit it takes seconds of CPU,
-    which on the event loop would stall every other client."""
-
-    def locked() -> T:
-        with _TOKENIZER:
-            return encode(*args)
-
-    return await asyncio.to_thread(locked)
+    """Run `encode(*args)` in a thread: at the body limit it takes seconds of CPU, which on the
+    event loop would stall every other client (`encode_chat` itself makes encodes thread-safe)."""
+    return await asyncio.to_thread(encode, *args)
 
 
 def check_context(runtime: Runtime, prompt_tokens: int, new_tokens: int, param: str) -> None:
