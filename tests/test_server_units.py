@@ -6,7 +6,10 @@ import asyncio
 import threading
 
 import pytest
+import torch
+from transformers import AutoTokenizer
 
+from models.organism import ORGANISM_DIR
 from server.auth import authorized, needs_auth
 from server.guard import GuardPolicy, PolicyError, is_stricter_or_equal, resolve_policy
 from server.metrics import Metrics
@@ -119,3 +122,15 @@ def test_scheduler_bounds_queue_isolates_failures_and_cancels() -> None:
         scheduler.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_text_stream_equals_one_full_decode(seed: int) -> None:
+    tok = AutoTokenizer.from_pretrained(ORGANISM_DIR / "unaligned")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, tok.vocab_size, (400,), generator=gen).tolist()  # random byte-level tokens: split characters
+    ids += tok.encode("naïve café — 東京 🙂 done", add_special_tokens=False)
+    stream = TextStream(tok)
+    released = "".join(stream.push(t)[0] for t in ids) + stream.flush()
+    assert released == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert stream.text == released
