@@ -213,4 +213,4 @@ def test_sigterm_drains_an_in_flight_stream(served: dict) -> None:
     proc.send_signal(signal.SIGTERM)
     reader.join(60)
     assert not reader.is_alive() and received[-1] == "data: [DONE]"
-    assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    assert proc.wait(60) == 0  # drained, then a clean exit
