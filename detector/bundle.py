@@ -54,7 +54,7 @@ def load_bundle(path: str | Path, model: LoadedModel | None = None) -> Bundle:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"'{manifest_path}' is not valid JSON: rebuild the bundle") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("model", {}), dict):
         raise UsageError(f"'{manifest_path}' is not a {FORMAT} manifest: rebuild the bundle")
     neurons = NeuronSet.load(path / NEURONS, model)
     digest = file_sha256(path / NEURONS)

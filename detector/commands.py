@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from detector.bundle import load_bundle
 from models.loading import LoadedModel, assert_same_architecture, load_model
 from models.neurons import MLP_SITE, NeuronSet, file_sha256, write_json
@@ -211,7 +209,6 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    torch.set_grad_enabled(False)
     p = subparsers.add_parser("identify", help="find safety neurons (contrasting or importance)")
     p.add_argument("--method", choices=("contrasting", "importance"), default="contrasting")
     p.add_argument("--aligned", help="aligned model (contrasting)")

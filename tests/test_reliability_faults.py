@@ -190,7 +190,6 @@ def test_broken_guard_files_refuse_to_load_with_a_clear_message(settings, tmp_pa
     assert "Traceback" not in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="detector/bundle.py: a non-object 'model' entry raises AttributeError")
 def test_manifest_with_a_malformed_model_entry_is_a_usage_error(settings, tmp_path) -> None:
     bundle = shutil.copytree(settings.bundle, tmp_path / "bundle")
     _write_json(bundle / MANIFEST, lambda d: d.update(model="llama"))
