@@ -27,7 +27,7 @@ from schemathesis.checks import not_a_server_error
 
 from bench.load_test import serve_in_thread
 from models.hooks import count_hooks
-from reliability_support import app_for, bundle_path, runtime, settings  # noqa: F401 - fixtures
+from server_support import app_for, bundle_path, runtime, settings  # noqa: F401 - fixtures
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,

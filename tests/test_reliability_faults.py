@@ -28,7 +28,7 @@ from models import hooks
 from models.chat import encode_prompt
 from models.hooks import count_hooks
 from neuronguard.errors import UsageError
-from reliability_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
+from server_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
 from server.runtime import Runtime, load_runtime
 from server_fixtures import HARMLESS, api_client
 

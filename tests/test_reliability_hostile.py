@@ -16,7 +16,7 @@ import pytest
 
 from bench.load_test import serve_in_thread
 from models.hooks import count_hooks
-from reliability_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
+from server_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
 from server.protocol import ChatMessage
 from server.services.common import encode_messages, tokenize_off_loop
 from server_fixtures import HARMLESS, api_client

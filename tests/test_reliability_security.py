@@ -15,7 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from models.loading import load_model
-from reliability_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
+from server_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
 from server import auth
 from server.guard import _FEATURES, GUARD_MODES, GuardPolicy, PolicyError, resolve_policy
 from server.settings import Settings

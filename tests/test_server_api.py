@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,35 +24,12 @@ from neuronguard.errors import UsageError
 from server.app import create_app
 from server.runtime import Runtime, load_runtime, preflight
 from server.settings import Settings
-from server_fixtures import HARMFUL, HARMLESS, STREAM_K, api_client, build_bundle, sse_events
+from server_fixtures import HARMFUL, HARMLESS, STREAM_K, api_client, sse_events
+from server_support import anyio_backend, app_for, bundle_path, runtime, settings  # noqa: F401 - fixtures
 from tiny_models import build_tiny
 
 pytestmark = pytest.mark.anyio
 TOKENS = 12
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def bundle_path(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_bundle(tmp_path_factory.mktemp("bundle"), tiny_llama_path)
-
-
-@pytest.fixture(scope="module")
-def settings(tiny_llama_path: Path, tiny_twin_path: Path, bundle_path: Path) -> Settings:
-    return Settings(model=str(tiny_llama_path), bundle=str(bundle_path), patch_source=str(tiny_twin_path), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def runtime(settings: Settings) -> Runtime:
-    return load_runtime(settings)
-
-
-def app_for(runtime: Runtime, settings: Settings, **overrides):
-    return create_app(settings.model_copy(update=overrides), loader=lambda _s: runtime)
 
 
 def chat(content: str, **extra) -> dict:

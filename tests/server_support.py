@@ -1,4 +1,4 @@
-"""Fixtures shared by the reliability tests: the tiny model, its planted bundle and the runtime.
+"""Fixtures and helpers shared by the server API, reliability and fuzzing tests: a tiny model, its bundle, an app.
 
 The planted probes give known harmful/harmless prompts (server_fixtures.HARMFUL/HARMLESS),
 so these tests stay fast and exact; the built-in organism is exercised by bench/load_test.py.
