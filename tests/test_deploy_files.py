@@ -249,6 +249,7 @@ def test_organism_files_are_package_data():
         for p in organism.rglob("*")
         if p.is_file()
         and "__pycache__" not in p.parts
+        and not any(part.startswith(".") for part in p.relative_to(organism).parts)  # git/ignore files, build temp dirs
         and p.suffix not in {".py", ".pyc"}
         and not any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
     ]
