@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,40 +30,16 @@ from detector.forward import chunks, model_kwargs, on_mlp_inputs, pad_batch
 from models.chat import encode_prompt
 from models.loading import LoadedModel
 from models.neurons import FORMAT as NEURONS_FORMAT
-from models.neurons import MLP_SITE, NeuronSet, atomic_write, model_metadata
-from neuronguard.errors import UsageError
+from models.neurons import MLP_SITE, NeuronSet, model_metadata
+from models.weight_rows import MODULES, AttentionShape, WeightRowSet
 
-MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 FFN_MODULES: tuple[str, ...] = ("up_proj", "down_proj")
-
-
-def kv_row_for_query_index(j: torch.Tensor | int, n_rep: int, d_head: int) -> torch.Tensor | int:
-    """k/v row read by query-space index j under grouped-query attention (not `j // n_rep`)."""
-    return (j // (n_rep * d_head)) * d_head + j % d_head
 
 
 def down_column_norms(down: nn.Module) -> torch.Tensor:
     """[d_mlp] norm of the output direction each MLP neuron writes (Linear or GPT-2 Conv1D)."""
     weight = down.weight.detach().float()
     return weight.norm(dim=1) if type(down).__name__ == "Conv1D" else weight.norm(dim=0)
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    heads: int
-    kv_heads: int
-    d_head: int
-
-    @classmethod
-    def of(cls, loaded: LoadedModel) -> AttentionShape:
-        config = loaded.model.config
-        heads = int(config.num_attention_heads)
-        d_head = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        return cls(heads, int(getattr(config, "num_key_value_heads", None) or heads), d_head)
-
-    @property
-    def n_rep(self) -> int:
-        return self.heads // self.kv_heads
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
@@ -120,47 +93,6 @@ class ImportanceStats:
         self.total.setdefault(module, torch.zeros(importance.shape[1:], dtype=torch.float64))
         self.activated[module] += active.sum(0).cpu()
         self.total[module] += importance.double().sum(0).cpu()
-
-
-@dataclass
-class WeightRowSet:
-    """Weight-row neurons (module, layer, row) ranked by mean importance.
-
-    Stored like a NeuronSet plus an int `module` tensor indexing `metadata['site']`
-    (comma-separated module names); down_proj entries are *columns*.
-    """
-
-    module: torch.Tensor  # int32 [n]
-    layer: torch.Tensor  # int32 [n]
-    index: torch.Tensor  # int32 [n]
-    score: torch.Tensor  # float32 [n]
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.layer.numel())
-
-    def counts(self) -> dict[str, int]:
-        names = self.metadata["site"].split(",")
-        return {name: int((self.module == i).sum()) for i, name in enumerate(names)}
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tensors = {"module": self.module, "layer": self.layer, "index": self.index, "score": self.score}
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=self.metadata))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> WeightRowSet:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = dict(handle.metadata() or {})
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        except Exception as exc:  # safetensors raises several types for unreadable files
-            raise UsageError(f"'{path}' is not a valid neuron file ({exc})") from exc
-        if meta.get("format") != NEURONS_FORMAT or "module" not in tensors:
-            raise UsageError(f"'{path}' is not a weight-row neuron file (no 'module' tensor)")
-        return cls(tensors["module"], tensors["layer"], tensors["index"], tensors["score"], meta)
 
 
 class _AttentionRecorder:

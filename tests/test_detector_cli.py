@@ -10,7 +10,7 @@ import torch
 
 import neuronguard.cli as cli
 from detector.bundle import load_bundle
-from detector.importance import WeightRowSet
+from models.weight_rows import WeightRowSet
 from models.loading import load_model
 from models.neurons import NeuronSet
 from neuronguard.errors import UsageError

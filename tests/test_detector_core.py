@@ -12,7 +12,8 @@ import torch
 from detector.compare import compare_sets
 from detector.contrasting import ContrastStats, contrast, contrast_batch, position_mask
 from detector.forward import model_kwargs, pad_batch
-from detector.importance import batch_importance, importance_stats, kv_row_for_query_index, qk_importance, select_weight_rows, WeightRowSet
+from detector.importance import batch_importance, importance_stats, qk_importance, select_weight_rows
+from models.weight_rows import WeightRowSet, kv_row_for_query_index
 from detector.patching import patch_sweep, sanity_checks
 from detector.probe import Probe
 from detector.probe_training import evaluate_scores, threshold_for_fpr, train_probe

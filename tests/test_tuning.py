@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from detector.importance import MODULES, WeightRowSet, kv_row_for_query_index
+from models.weight_rows import MODULES, WeightRowSet, kv_row_for_query_index
 from models.hooks import capture
 from models.loading import load_model
 from models.neurons import NeuronSet, model_metadata

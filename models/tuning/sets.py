@@ -1,7 +1,7 @@
 """Read a neuron file of either kind, check it against the model and turn it into weight rows.
 
 MLP-activation sets (`models.neurons.NeuronSet`) come from contrasting; weight-row sets
-(`detector.importance.WeightRowSet`) come from importance detection and carry a `module`
+(`models.weight_rows.WeightRowSet`) come from importance detection and carry a `module`
 tensor indexing the comma-separated module names in `metadata['site']`.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from detector.importance import AttentionShape, WeightRowSet, kv_row_for_query_index
+from models.weight_rows import AttentionShape, WeightRowSet, kv_row_for_query_index
 from models.loading import LoadedModel
 from models.neurons import MLP_SITE, NeuronSet, file_sha256, model_metadata
 from models.tuning.masks import RowSet, mlp_rows
