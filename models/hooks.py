@@ -137,21 +137,26 @@ class Capture:
     concatenation over calls equals the activations of one full forward pass.
     """
 
-    def __init__(self, selection: NeuronSelection, positions: Literal["all", "last"]) -> None:
+    def __init__(self, selection: NeuronSelection) -> None:
         self.selection = selection
-        self.positions = positions
         self._per_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in selection.groups}
+        # Layer-major concatenation followed by one gather restores selection order.
+        layer_major = torch.cat([selection.groups[layer][0] for layer in self._per_layer])
+        self._to_selection_order = torch.argsort(layer_major)
+        self._order_on: dict[torch.device, torch.Tensor] = {}
 
     def _record(self, layer: int, values: torch.Tensor) -> None:
         self._per_layer[layer].append(values)
 
-    @property
-    def num_calls(self) -> int:
-        return min(len(v) for v in self._per_layer.values())
-
     def clear(self) -> None:
         for values in self._per_layer.values():
             values.clear()
+
+    def _in_selection_order(self, layer_major: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        device = layer_major.device
+        if device not in self._order_on:
+            self._order_on[device] = self._to_selection_order.to(device)
+        return layer_major.index_select(-1, self._order_on[device]).to(dtype)
 
     def activations(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[b, total positions, k] in selection order, concatenated over forward calls."""
@@ -160,24 +165,13 @@ class Capture:
             raise RuntimeError("no forward pass ran inside this capture")
         if len(counts) != 1:
             raise RuntimeError("layers recorded different numbers of forward calls (was the pass cut short?)")
-        first = next(iter(self._per_layer.values()))
-        batch = first[0].shape[0]
-        total = sum(t.shape[1] for t in first)
-        out = torch.empty(batch, total, len(self.selection), dtype=dtype, device=first[0].device)
-        for layer, chunks in self._per_layer.items():
-            order, _ = self.selection.groups[layer]
-            out[:, :, order.to(out.device)] = torch.cat(chunks, dim=1).to(dtype)
-        return out
+        per_layer = [torch.cat(chunks, dim=1) for chunks in self._per_layer.values()]
+        return self._in_selection_order(torch.cat(per_layer, dim=-1), dtype)
 
     def last(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[b, k] activations at the last position of the last forward call."""
-        latest = {layer: chunks[-1][:, -1, :] for layer, chunks in self._per_layer.items()}
-        first = next(iter(latest.values()))
-        out = torch.empty(first.shape[0], len(self.selection), dtype=dtype, device=first.device)
-        for layer, values in latest.items():
-            order, _ = self.selection.groups[layer]
-            out[:, order.to(out.device)] = values.to(dtype)
-        return out
+        latest = [chunks[-1][:, -1, :] for chunks in self._per_layer.values()]
+        return self._in_selection_order(torch.cat(latest, dim=-1), dtype)
 
 
 @contextmanager
@@ -190,7 +184,7 @@ def capture(
 ) -> Iterator[Capture]:
     """Record the selected neurons' activations (detached) during every forward call."""
     sites = _prepare(model, selection, sites)
-    cap = Capture(selection, positions)
+    cap = Capture(selection)
     cache = _DeviceCache(selection)
     handles: list[RemovableHandle] = []
     shape = _TokenShape(model, handles)
