@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +47,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_ready(base: str, timeout_s: float, alive: Callable[[], bool]) -> bool:
+    """Poll `/ready` until it answers 200 (True), the server dies or the time runs out (False)."""
+    deadline = time.monotonic() + timeout_s
+    while alive() and time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
 @contextmanager
 def serve_in_thread(app: Any, timeout_s: float = 60.0) -> Iterator[str]:
     """Run `app` under a real uvicorn server on 127.0.0.1 in a thread; yield its base URL once ready."""
@@ -60,16 +73,8 @@ def serve_in_thread(app: Any, timeout_s: float = 60.0) -> Iterator[str]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError(f"server on {base} not ready after {timeout_s} s")
-            time.sleep(0.05)
+        if not wait_ready(base, timeout_s, thread.is_alive):
+            raise RuntimeError(f"server on {base} not ready after {timeout_s} s")
         yield base
     finally:
         server.should_exit = True
@@ -239,16 +244,8 @@ def main() -> None:
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.2)
+        if not wait_ready(base, 300, lambda: proc.poll() is None):
+            raise SystemExit(f"server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
         workload = mixed_workload(harmful, harmless, args.max_tokens)
         hooks_before = metric(base, "neuronguard_registered_hooks")
         rss = [rss_mb(proc.pid)]
