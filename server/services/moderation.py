@@ -7,10 +7,9 @@ import uuid
 
 from fastapi import Request
 
-from models.chat import encode_prompt
-from neuronguard.errors import UsageError
 from server.errors import APIError
 from server.protocol import (
+    ChatMessage,
     Contribution,
     GuardCheckRequest,
     GuardCheckResponse,
@@ -21,7 +20,6 @@ from server.protocol import (
 from server.runtime import Runtime
 from server.services.common import (
     ClientGone,
-    check_context,
     encode_messages,
     fail_closed,
     policy_for,
@@ -40,12 +38,7 @@ TOP_CONTRIBUTIONS = 10
 
 def _encode_prompt(runtime: Runtime, text: str, param: str) -> list[int]:
     """A prompt's ids, or a 400 (unencodable, or longer than the context)."""
-    try:
-        ids = encode_prompt(runtime.loaded.tokenizer, text)
-    except UsageError as exc:
-        raise APIError(400, str(exc), param=param, code="invalid_request") from None
-    check_context(runtime, len(ids), 0, param)
-    return ids
+    return encode_messages(runtime, [ChatMessage(role="user", content=text)], param)
 
 
 class ModerationService:
