@@ -216,14 +216,15 @@ def test_sigterm_drains_running_and_queued_requests_then_exits_0(settings, tmp_p
     try:
         wait_for(lambda: _ready(base) or proc.poll() is not None, 120, "the server")
         assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-        slow = chat(HARMLESS, max_tokens=48, stream=True, guard={"mode": "block+patch"})
+        slow = chat(HARMLESS, max_tokens=160, stream=True, guard={"mode": "block+patch"})
         threads = [threading.Thread(target=request, args=(slow,))]
         threads += [threading.Thread(target=request, args=(chat(HARMLESS, max_tokens=8, stream=s),)) for s in (0, 1, 0)]
         threads[0].start()
         wait_for(lambda: metric(base, "neuronguard_running_requests") == 1, 30, "the stream to start")
         for thread in threads[1:]:
             thread.start()
-        wait_for(lambda: metric(base, "neuronguard_queue_depth") >= 1, 30, "jobs to queue")
+        # All three must be queued: a request still connecting when SIGTERM lands is refused, not drained.
+        wait_for(lambda: metric(base, "neuronguard_queue_depth") >= 3, 30, "jobs to queue")
         proc.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(120)
