@@ -21,8 +21,15 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# CPU benchmarks on the built-in organism; each prints the ratios it measured (docs/benchmarks.md).
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.bench_engine --shape organism
+	$(BIN)/python -m bench.bench_server
+	$(BIN)/python -m bench.bench_patching
+	$(BIN)/python -m bench.bench_importance
+	$(BIN)/python -m bench.bench_contrasting
+	$(BIN)/python -m bench.load_test
+	$(BIN)/python -m bench.guard_efficacy
 
 clean:
 	rm -rf $(VENV) build *.egg-info
