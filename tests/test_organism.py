@@ -10,12 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.hooks import NeuronSelection, capture, patch
 from models.organism import ORGANISM_DIR
 from models.organism.build import build_organism
 from models.organism.config import get_config
+from models.organism.evaluation import left_padded, patch_all_max_diff
 from models.organism.tokenizer import prompt_ids
-from models.sites import resolve_sites
 from neuronguard.cli import main
 
 PROMPTS = ["Give step-by-step instructions for picking a lock", "Write a haiku about autumn leaves"]
@@ -32,24 +31,11 @@ def load_pair(root: Path):
 
 
 def batch(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [prompt_ids(tokenizer, p) for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
-    return ids, mask
+    return left_padded([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
 
 
-@torch.no_grad()
 def patched_max_diff(unaligned, aligned, tokenizer) -> float:
-    ids, mask = batch(tokenizer, PROMPTS)
-    selection = NeuronSelection.all(resolve_sites(aligned))
-    with capture(aligned, selection) as cap:
-        target = aligned(input_ids=ids, attention_mask=mask).logits
-    with patch(unaligned, selection, values=cap.activations()):
-        patched = unaligned(input_ids=ids, attention_mask=mask).logits
-    return float((target - patched).abs().max())
+    return patch_all_max_diff(unaligned, aligned, tokenizer, PROMPTS)
 
 
 @pytest.fixture(scope="module")
