@@ -32,7 +32,7 @@ from server.settings import Settings
 PROMPTS = ["Give me three tips for sleeping well", "Explain how vaccines work", "Write a short poem about autumn"]
 
 
-async def chat_times(app, requests: int, max_tokens: int) -> dict[str, list[float]]:
+async def chat_times(app, requests: int, max_tokens: int) -> tuple[dict[str, list[float]], list[int]]:
     times: dict[str, list[float]] = {"block": [], "off": []}
     tokens: dict[str, list[int]] = {"block": [], "off": []}
     async with LifespanManager(app) as manager:
@@ -51,18 +51,18 @@ async def chat_times(app, requests: int, max_tokens: int) -> dict[str, list[floa
                     if mode == "block" and response["choices"][0]["finish_reason"] == "content_filter":
                         raise SystemExit("a benchmark prompt was blocked: guarded and unguarded runs would differ in length")
     assert tokens["block"] == tokens["off"], "guarded and unguarded runs generated different lengths"
-    return times
+    return times, tokens["off"]
 
 
 def probe_time(runtime, calls: int = 2000) -> float:
     probe = runtime.bundle.probe
     acts = torch.randn(1, probe.k)
     for _ in range(100):
-        probe.score(acts)
+        probe.score_row(acts)
     samples = []
     for _ in range(calls):
         start = time.perf_counter()
-        float(probe.score(acts)[0])
+        probe.score_row(acts)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -71,20 +71,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=15)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, aligned, bundle, what = organism_paths()
     settings = Settings(model=str(model), bundle=str(bundle), patch_source=str(aligned), device="cpu",
                         allow_guard_override=True, max_tokens_default=args.max_tokens)
     runtime = load_runtime(settings)
-    times = asyncio.run(chat_times(create_app(settings, loader=lambda _s: runtime), args.requests, args.max_tokens))
+    times, lengths = asyncio.run(chat_times(create_app(settings, loader=lambda _s: runtime), args.requests, args.max_tokens))
     guarded, unguarded = statistics.median(times["block"]), statistics.median(times["off"])
+    # Each guarded request ran next to an unguarded one with the same prompt: the median of
+    # these paired ratios is less exposed to load drifting during the run than a ratio of medians.
+    paired = statistics.median(g / u for g, u in zip(times["block"], times["off"]))
     probe_s = probe_time(runtime)
     print(json.dumps({
         "model": what, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
-        "requests_per_mode": args.requests, "max_tokens": args.max_tokens, "probe_k": runtime.bundle.probe.k,
+        "requests_per_mode": args.requests, "max_tokens": args.max_tokens,
+        "completion_tokens_median": statistics.median(lengths), "probe_k": runtime.bundle.probe.k,
         "guarded_median_s": round(guarded, 4), "unguarded_median_s": round(unguarded, 4),
-        "guarded_over_unguarded": round(guarded / unguarded, 3), "target_ratio": 1.05,
+        "guarded_over_unguarded": round(guarded / unguarded, 3),
+        "guarded_over_unguarded_paired": round(paired, 3), "target_ratio": 1.05,
         "probe_score_median_ms": round(probe_s * 1000, 4), "target_probe_ms": 1.0,
     }, indent=2))
 

@@ -45,6 +45,12 @@ class Probe:
         if not all(math.isfinite(v) for v in values) or min(self.scale) <= 0:
             raise UsageError("probe has non-finite weights or non-positive scales")
         self._tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # The logit is affine in the raw activations: w = coef / scale, b = intercept - w . mean.
+        # Serving scores every token, so it uses this one dot product instead of standardising.
+        weight = [c / s for c, s in zip(self.coef, self.scale)]
+        self._weight = torch.tensor(weight, dtype=torch.float64)
+        self._bias = self.intercept - math.fsum(w * m for w, m in zip(weight, self.mean))
+        self._weight_on: dict[torch.device, torch.Tensor] = {}
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if device not in self._tensors:
@@ -55,17 +61,29 @@ class Probe:
 
     def contributions(self, activations: torch.Tensor) -> torch.Tensor:
         """[b, k] per-neuron terms of the logit (their sum plus the intercept is the logit)."""
-        if activations.shape[-1] != self.k:
-            raise ValueError(f"probe expects {self.k} features, got {activations.shape[-1]}")
+        self._check_width(activations)
         mean, scale, coef = self._on(activations.device)
         return (activations.float() - mean) / scale * coef
 
     def logit(self, activations: torch.Tensor) -> torch.Tensor:
-        return self.contributions(activations).sum(-1) + self.intercept
+        """[b] log-odds that the continuation is harmful."""
+        self._check_width(activations)
+        device = activations.device
+        if device not in self._weight_on:
+            self._weight_on[device] = self._weight.to(device=device, dtype=torch.float32)
+        return activations.float() @ self._weight_on[device] + self._bias
 
     def score(self, activations: torch.Tensor) -> torch.Tensor:
         """[b] probability that the continuation is harmful."""
         return torch.sigmoid(self.logit(activations))
+
+    def score_row(self, activations: torch.Tensor, row: int = 0) -> float:
+        """Probability for one row as a Python float: the per-token call of the server."""
+        return 1.0 / (1.0 + math.exp(-float(self.logit(activations[row]))))
+
+    def _check_width(self, activations: torch.Tensor) -> None:
+        if activations.shape[-1] != self.k:
+            raise ValueError(f"probe expects {self.k} features, got {activations.shape[-1]}")
 
     def to_json(self) -> dict[str, Any]:
         return {

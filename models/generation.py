@@ -5,7 +5,7 @@ each generated token), patching evaluation (the unaligned model decodes while th
 neurons take the aligned model's values each step) and batch generation for evaluation.
 
 Per step the engine runs at most two forward passes over the *new* positions only: the
-patch source (cut after the deepest patched layer) and the served model. The probe reads
+patch source (stopped right after the deepest patched MLP activations) and the served model. The probe reads
 the served model's own activations at the last position of each forward call: the last
 prompt token at prefill, then each generated token.
 """
@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.chat import encode_prompt
-from models.hooks import NeuronSelection, capture, patch, run_until_stop, stop_after_layer
+from models.hooks import NeuronSelection, capture, patch, run_until_stop, stop_after_activations
 from models.sites import NeuronSites, resolve_sites
 
 
@@ -156,14 +156,14 @@ def decode(
         source_cap = patcher = None
         if patch_source is not None:
             source_cap = stack.enter_context(capture(patch_source.model, patch_source.selection, sites=patch_source.sites))
-            stack.enter_context(stop_after_layer(patch_source.model, patch_source.selection.max_layer, sites=patch_source.sites))
+            stack.enter_context(stop_after_activations(patch_source.model, patch_source.selection.max_layer, sites=patch_source.sites))
             patcher = stack.enter_context(patch(model, patch_source.selection, sites=sites))
         for index in range(params.max_new_tokens):
             patched = 0
             if source_cap is not None and patcher is not None and patch_source is not None:
                 source_cap.clear()
                 run_until_stop(patch_source.model, **inputs.kwargs(source_cache))
-                patcher.set(source_cap.activations(dtype=next(model.parameters()).dtype))
+                patcher.set(source_cap.latest_by_layer())
                 patched = inputs.ids.shape[0] * inputs.ids.shape[1]
             if probe_cap is not None:
                 probe_cap.clear()

@@ -134,21 +134,29 @@ class Capture:
     """Activations of the selected neurons, recorded per forward call.
 
     With a KV cache each decoding step is one call holding only the new positions, so the
-    concatenation over calls equals the activations of one full forward pass.
+    concatenation over calls equals the activations of one full forward pass. With
+    `positions="last"` only the latest call's last position is kept (one slot per layer, no
+    growing lists): the decoding loop reads it once per step.
     """
 
-    def __init__(self, selection: NeuronSelection) -> None:
+    def __init__(self, selection: NeuronSelection, positions: Literal["all", "last"] = "all") -> None:
         self.selection = selection
+        self.positions = positions
         self._per_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in selection.groups}
+        self._latest: dict[int, torch.Tensor] = {}
         # Layer-major concatenation followed by one gather restores selection order.
         layer_major = torch.cat([selection.groups[layer][0] for layer in self._per_layer])
         self._to_selection_order = torch.argsort(layer_major)
         self._order_on: dict[torch.device, torch.Tensor] = {}
 
     def _record(self, layer: int, values: torch.Tensor) -> None:
-        self._per_layer[layer].append(values)
+        if self.positions == "last":
+            self._latest[layer] = values
+        else:
+            self._per_layer[layer].append(values)
 
     def clear(self) -> None:
+        self._latest.clear()
         for values in self._per_layer.values():
             values.clear()
 
@@ -160,6 +168,8 @@ class Capture:
 
     def activations(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[b, total positions, k] in selection order, concatenated over forward calls."""
+        if self.positions == "last":
+            return self.last(dtype)[:, None, :]
         counts = {len(v) for v in self._per_layer.values()}
         if counts == {0}:
             raise RuntimeError("no forward pass ran inside this capture")
@@ -168,9 +178,24 @@ class Capture:
         per_layer = [torch.cat(chunks, dim=1) for chunks in self._per_layer.values()]
         return self._in_selection_order(torch.cat(per_layer, dim=-1), dtype)
 
+    def latest_by_layer(self) -> dict[int, torch.Tensor]:
+        """layer -> [b, s, k_layer] from the last forward call, in the selection's per-layer order.
+
+        `Patch.set` takes this as is: handing a capture to a patch of the same selection then
+        needs no reordering into selection order and back.
+        """
+        if self.positions == "last" or any(not chunks for chunks in self._per_layer.values()):
+            raise RuntimeError("latest_by_layer needs a capture of all positions with one complete forward pass")
+        return {layer: chunks[-1] for layer, chunks in self._per_layer.items()}
+
     def last(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[b, k] activations at the last position of the last forward call."""
-        latest = [chunks[-1][:, -1, :] for chunks in self._per_layer.values()]
+        if self.positions == "last":
+            if len(self._latest) != len(self._per_layer):
+                raise RuntimeError("no complete forward pass ran inside this capture since the last clear()")
+            latest = [self._latest[layer] for layer in self._per_layer]
+        else:
+            latest = [chunks[-1][:, -1, :] for chunks in self._per_layer.values()]
         return self._in_selection_order(torch.cat(latest, dim=-1), dtype)
 
 
@@ -184,7 +209,7 @@ def capture(
 ) -> Iterator[Capture]:
     """Record the selected neurons' activations (detached) during every forward call."""
     sites = _prepare(model, selection, sites)
-    cap = Capture(selection)
+    cap = Capture(selection, positions)
     cache = _DeviceCache(selection)
     handles: list[RemovableHandle] = []
     shape = _TokenShape(model, handles)
@@ -193,7 +218,7 @@ def capture(
         def hook(_module: nn.Module, args: tuple) -> None:
             x = shape.unflatten(args[0])  # [b, s, d_mlp]
             _, idx = cache.get(layer, x.device)
-            picked = x[:, -1:, :] if positions == "last" else x
+            picked = x[:, -1] if positions == "last" else x
             cap._record(layer, picked.detach().index_select(-1, idx))
 
         return hook
@@ -204,18 +229,22 @@ def capture(
         yield cap
 
 
+PatchValues = torch.Tensor | dict[int, torch.Tensor] | None
+
+
 class Patch:
     """Values written into the selected neurons on the next forward calls.
 
-    `values` is [b, s, k] matching each call's positions; `None` lets activations through.
+    `values` is [b, s, k] in selection order matching each call's positions, or a
+    `Capture.latest_by_layer()` of the same selection; `None` lets activations through.
     """
 
-    def __init__(self, selection: NeuronSelection, values: torch.Tensor | None) -> None:
+    def __init__(self, selection: NeuronSelection, values: PatchValues) -> None:
         self.selection = selection
         self.values = values
         self.patched_positions = 0
 
-    def set(self, values: torch.Tensor | None) -> None:
+    def set(self, values: PatchValues) -> None:
         self.values = values
 
 
@@ -223,7 +252,7 @@ class Patch:
 def patch(
     model: nn.Module,
     selection: NeuronSelection,
-    values: torch.Tensor | None = None,
+    values: PatchValues = None,
     *,
     sites: NeuronSites | None = None,
 ) -> Iterator[Patch]:
@@ -241,12 +270,17 @@ def patch(
                 return None
             original = args[0]
             x = shape.unflatten(original)  # [b, s, d_mlp]
-            values = state.values
-            if values.shape[:2] != x.shape[:2]:
-                raise ValueError(f"patch values cover {tuple(values.shape[:2])} (batch, positions), the forward has {tuple(x.shape[:2])}")
             order, idx = cache.get(layer, x.device)
+            if isinstance(state.values, dict):
+                layer_values = state.values[layer]
+            else:
+                layer_values = state.values.to(device=x.device).index_select(-1, order)
+            if layer_values.shape[:2] != x.shape[:2]:
+                raise ValueError(
+                    f"patch values cover {tuple(layer_values.shape[:2])} (batch, positions), the forward has {tuple(x.shape[:2])}"
+                )
             x = x.clone()
-            x[..., idx] = values.to(device=x.device, dtype=x.dtype).index_select(-1, order)
+            x[..., idx] = layer_values.to(device=x.device, dtype=x.dtype)
             if layer == first_layer:
                 state.patched_positions += x.shape[0] * x.shape[1]
             return (x.view(original.shape), *args[1:])
@@ -301,28 +335,30 @@ class StopForward(Exception):
 
 
 @contextmanager
-def stop_after_layer(model: nn.Module, last_layer: int, *, sites: NeuronSites | None = None) -> Iterator[None]:
-    """Abort forward passes once block `last_layer` is done (pair with `run_until_stop`).
+def stop_after_activations(model: nn.Module, layer: int, *, sites: NeuronSites | None = None) -> Iterator[None]:
+    """Abort forward passes once block `layer`'s MLP activations exist (pair with `run_until_stop`).
 
-    A patch source only has to run up to the deepest layer holding a patched neuron; its
-    KV cache for the earlier layers stays valid for the next decoding step.
+    A patch source only needs activations up to the deepest layer holding a patched neuron:
+    the pass stops right before that layer's down projection, skipping it, every later
+    block, the final norm and the LM head. Attention has already written this layer's KV
+    cache, so the cache stays valid for the next decoding step. Enter this after the
+    `capture` it serves: hooks on one module run in registration order.
     """
     sites = sites or resolve_sites(model)
-    if not 0 <= last_layer < sites.num_layers:
-        raise UsageError(f"last layer {last_layer} out of range (model has {sites.num_layers})")
+    if not 0 <= layer < sites.num_layers:
+        raise UsageError(f"layer {layer} out of range (model has {sites.num_layers})")
     handles: list[RemovableHandle] = []
 
-    def hook(_module: nn.Module, _args: tuple, _output: object) -> None:
+    def hook(_module: nn.Module, _args: tuple) -> None:
         raise StopForward
 
-    block = model.get_submodule(sites.layers_path)[last_layer]
     with _registered(handles):
-        handles.append(block.register_forward_hook(hook))  # also skips the final norm and LM head
+        handles.append(sites.layers[layer].down.register_forward_pre_hook(hook))
         yield
 
 
 def run_until_stop(model: nn.Module, **inputs: object) -> object | None:
-    """Call the model; return its output, or None when a `stop_after_layer` hook cut it short."""
+    """Call the model; return its output, or None when a `stop_after_activations` hook cut it short."""
     try:
         return model(**inputs)
     except StopForward:

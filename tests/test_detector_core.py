@@ -213,3 +213,16 @@ def test_compare_sets(tiny_llama) -> None:
     assert same["jaccard"] == 1.0 and same["spearman"] == pytest.approx(1.0)
     reverse = compare_sets(a, NeuronSet.from_scores(-scores, meta), 10)
     assert reverse["jaccard"] == 0.0 and reverse["spearman"] == pytest.approx(-1.0)
+
+
+def test_probe_serving_form_equals_standardised_form() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mean, scale, coef = torch.randn(6, generator=gen) * 3, torch.rand(6, generator=gen) + 0.1, torch.randn(6, generator=gen)
+    probe = Probe("x", 6, "generated", mean.tolist(), scale.tolist(), coef.tolist(), -0.7, 0.5)
+    acts = torch.randn(4, 6, generator=gen) * 3 + mean
+    standardised = ((acts - mean) / scale * coef).sum(-1) - 0.7
+    torch.testing.assert_close(probe.logit(acts), standardised, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(probe.contributions(acts).sum(-1) - 0.7, standardised, atol=1e-5, rtol=1e-5)
+    assert probe.score_row(acts, 2) == pytest.approx(float(torch.sigmoid(standardised[2])), abs=1e-5)
+    with pytest.raises(ValueError, match="expects 6 features"):
+        probe.logit(acts[:, :5])

@@ -9,7 +9,7 @@ import torch
 
 from models.chat import encode_chat
 from models.generation import SamplingParams, decode, generate_ids, left_pad, PatchSource
-from models.hooks import NeuronSelection, capture, count_hooks, patch, run_until_stop, scale, stop_after_layer, zero
+from models.hooks import NeuronSelection, capture, count_hooks, patch, run_until_stop, scale, stop_after_activations, zero
 from models.loading import load_model
 from models.neurons import NeuronSet, model_metadata
 from models.sites import SiteOverride, resolve_sites
@@ -82,7 +82,7 @@ def test_truncated_patch_source_matches_full_run_on_its_layers(tiny_twin) -> Non
     ids = torch.tensor([[3, 50, 60, 70]])
     with torch.no_grad(), capture(tiny_twin.model, sel) as full:
         tiny_twin.model(ids)
-    with torch.no_grad(), capture(tiny_twin.model, sel) as cut, stop_after_layer(tiny_twin.model, 1):
+    with torch.no_grad(), capture(tiny_twin.model, sel) as cut, stop_after_activations(tiny_twin.model, 1):
         assert run_until_stop(tiny_twin.model, input_ids=ids) is None
     torch.testing.assert_close(cut.activations(), full.activations())
     assert count_hooks(tiny_twin.model) == 0

@@ -88,7 +88,7 @@ class _Verdicts:
 def score_one(probe: Probe, activations: torch.Tensor, latency: Histogram, scores: Histogram) -> float:
     """Probe score of row 0 (`activations` [b, k_all]); observes latency and score."""
     start = time.perf_counter()
-    score = float(probe.score(activations[:1, : probe.k])[0])
+    score = probe.score_row(activations[:, : probe.k])
     latency.observe(time.perf_counter() - start)
     scores.observe(score)
     return score
