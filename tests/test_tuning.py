@@ -97,6 +97,24 @@ def test_sn_tune_changes_only_the_mlp_neurons_weights(tiny_llama_path: Path, tmp
     assert AutoTokenizer.from_pretrained(out).chat_template == loaded.tokenizer.chat_template
 
 
+def test_retain_documents_train_alongside_and_are_recorded(tiny_llama_path: Path, tmp_path: Path) -> None:
+    loaded = load_model(tiny_llama_path)
+    neurons = mlp_set(loaded, tmp_path / "n.safetensors")
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"prompt": f"Name a colour number {i}", "response": "Blue."}) + "\n" for i in range(5)))
+    outs = {}
+    for name, extra in (("plain", []), ("retain", ["--retain", retain, "--max-retain-docs", 3])):
+        outs[name] = tmp_path / name
+        assert run(["tune", "--model", tiny_llama_path, "--neurons", neurons, "--k", 8, "--data", write_docs(tmp_path / "d.jsonl"),
+                    "--out", outs[name], "--lr", 1e-2, *extra]) == 0
+    manifest = json.loads((outs["retain"] / "tune.json").read_text())
+    assert manifest["retain"]["documents"] == 3 and manifest["data"]["documents"] == len(DOCS)
+    assert json.loads((outs["plain"] / "tune.json").read_text())["retain"] is None
+    plain, mixed = tensors(outs["plain"]), tensors(outs["retain"])
+    assert any(not torch.equal(plain[n], mixed[n]) for n in plain)  # the retain documents took part in training
+    assert_only_mask_changed(tiny_llama_path, outs["retain"], build_mask(loaded, mlp_rows(NeuronSet.load(neurons).top(8))))
+
+
 def test_tuning_is_deterministic_for_a_seed(tiny_llama_path: Path, tmp_path: Path) -> None:
     loaded = load_model(tiny_llama_path)
     neurons, data = mlp_set(loaded, tmp_path / "n.safetensors"), write_docs(tmp_path / "d.jsonl")
@@ -284,6 +302,8 @@ def test_bad_inputs_exit_2_and_write_nothing(tiny_llama_path: Path, tmp_path: Pa
     assert "another model" in _bad(tune + ["--neurons", foreign, "--data", good], capsys)
     assert "another model" in _bad(["deactivate", "--model", tiny_llama_path, "--neurons", foreign, "--out", out], capsys)
     assert "removes every" in _bad(tune + ["--neurons", neurons, "--k", 5, "--exclude", neurons, "--data", good], capsys)
+    assert "broken.jsonl:2" in _bad(tune + ["--neurons", neurons, "--data", good, "--retain", broken], capsys)
+    assert "needs --retain" in _bad(tune + ["--neurons", neurons, "--data", good, "--max-retain-docs", 3], capsys)
     assert not out.exists() and not any(out.parent.iterdir())  # no temp dirs left behind either
 
     out.mkdir()

@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--batch-size", type=int, default=TrainParams.batch_size)
     tune.add_argument("--max-grad-norm", type=float, default=TrainParams.max_grad_norm)
     tune.add_argument("--max-docs", type=int, help="use the first N documents of --data")
+    tune.add_argument("--retain", type=Path, help='JSONL of harmless {"prompt", "response"} documents trained alongside --data')
+    tune.add_argument("--max-retain-docs", type=int, help="use the first N documents of --retain")
     tune.add_argument("--max-tokens", type=int, default=256, help="truncate each document to N tokens")
     tune.add_argument("--seed", type=int, default=TrainParams.seed)
     tune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -87,6 +89,8 @@ def run_tune(args: argparse.Namespace) -> int:
         neurons=SetChoice(args.neurons, args.k, args.top_frac) if args.neurons else None,
         exclude=SetChoice(args.exclude, args.exclude_k, args.exclude_top_frac) if args.exclude else None,
         max_docs=args.max_docs,
+        retain=args.retain,
+        max_retain_docs=args.max_retain_docs,
         max_tokens=args.max_tokens,
         overwrite=args.overwrite,
     )

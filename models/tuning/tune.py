@@ -107,20 +107,31 @@ def tune(
     neurons: SetChoice | None,
     exclude: SetChoice | None = None,
     max_docs: int | None = None,
+    retain: Path | None = None,
+    max_retain_docs: int | None = None,
     max_tokens: int = 256,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune the neurons' weights (all weights when `neurons` is None) and save a checkpoint."""
+    """Fine-tune the neurons' weights (all weights when `neurons` is None) and save a checkpoint.
+
+    `retain` documents (harmless prompts with ordinary answers) are mixed into the same
+    shuffled batches: refusal documents alone also teach the tuned neurons to refuse
+    harmless requests that look like harmful ones.
+    """
     started = time.perf_counter()
     out = check_out_dir(out, overwrite)
-    if max_docs is not None and max_docs <= 0:
-        raise UsageError(f"--max-docs {max_docs} must be positive")
+    for flag, value in (("--max-docs", max_docs), ("--max-retain-docs", max_retain_docs)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} {value} must be positive")
+    if max_retain_docs is not None and retain is None:
+        raise UsageError("--max-retain-docs needs --retain FILE")
     if exclude is not None and neurons is None:
         raise UsageError("--exclude needs --neurons (it removes foundation neurons from a safety-neuron set)")
     rows = read_records(data, ["prompt", "response"])[:max_docs]
+    retain_rows = read_records(retain, ["prompt", "response"])[:max_retain_docs] if retain is not None else []
     loaded = load_model(model.path, model.device, model.dtype)
     mask, safety, foundation = _tuning_mask(loaded, neurons, exclude) if neurons is not None else (None, None, None)
-    examples = encode_documents(loaded.tokenizer, rows, min(max_tokens, loaded.context_length))
+    examples = encode_documents(loaded.tokenizer, rows + retain_rows, min(max_tokens, loaded.context_length))
     pad_id = loaded.tokenizer.pad_token_id
     loss_before = mean_loss(loaded.model, examples, pad_id, hp.batch_size)
     before = _snapshot(loaded, mask)
@@ -135,7 +146,8 @@ def tune(
         "base_model": _base_info(loaded),
         "neurons": _set_info(neurons, safety) if neurons is not None and safety is not None else None,
         "exclude": _set_info(exclude, foundation) if exclude is not None and foundation is not None else None,
-        "data": {"path": str(data), "sha256": file_sha256(data), "documents": len(examples), "max_tokens": max_tokens},
+        "data": {"path": str(data), "sha256": file_sha256(data), "documents": len(rows), "max_tokens": max_tokens},
+        "retain": {"path": str(retain), "sha256": file_sha256(retain), "documents": len(retain_rows)} if retain is not None else None,
         "hyperparameters": {**hp.to_dict(), "optimizer": "Adam(weight_decay=0)", "schedule": "cosine to 0", "mask_before_clip": True},
         "parameters": {
             "model_total": total,
