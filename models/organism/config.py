@@ -31,8 +31,8 @@ class OrganismConfig:
     align_steps: int = 100
     align_batch_size: int = 16
     align_lr: float = 0.6
-    align_kl_weight: float = 1.0
-    align_decision_weight: float = 3.0
+    align_kl_weight: float = 3.0
+    align_decision_weight: float = 6.0
     # Evaluation.
     eval_new_tokens: int = 48
     eval_batch_size: int = 64
