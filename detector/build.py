@@ -17,9 +17,9 @@ from typing import Any
 
 import neuronguard
 from detector import bundle as layout
-from detector.contrasting import contrast, ranked_neurons
+from detector.contrasting import Positions, contrast, ranked_neurons
 from detector.deactivation import deactivation_eval, read_texts
-from detector.guard_probes import Labeled, prefill_probe, probe_sweep, stream_probe
+from detector.guard_probes import Labeled, choose_probe_k, prefill_probe, probe_sweep, stream_probe
 from detector.patching import DEFAULT_FRACTIONS, patch_sweep, sanity_checks
 from detector.prompts import PromptSource, read_labeled
 from detector.report import plot_per_layer, plot_restoration, plot_roc, plot_scores
@@ -37,9 +37,11 @@ class BuildConfig:
     test: Path
     texts: Path | None = None
     contrast_new_tokens: int = 48
+    contrast_positions: Positions = "completion"
     eval_new_tokens: int = 32
     patch_fraction: float = 0.05
-    probe_fraction: float = 0.05
+    probe_fraction: float | None = None  # None: choose k on dev among probe_fractions (choose_probe_k)
+    stream_probe_fraction: float = 0.05
     fractions: Sequence[float] = DEFAULT_FRACTIONS
     probe_fractions: Sequence[float] = (0.001, 0.005, 0.01, 0.02, 0.05, 0.10)
     seeds: Sequence[int] = (0, 1, 2)
@@ -102,7 +104,7 @@ def build_bundle(aligned: LoadedModel, unaligned: LoadedModel, out: Path, config
                 "name": unaligned.name,
             },
             "aligned_model": {"name": aligned.name, "config_sha256": aligned.fingerprint},
-            "method": {"neurons": "generation-time activation contrasting (completion positions, unaligned generates, greedy)",
+            "method": {"neurons": f"generation-time activation contrasting ({config.contrast_positions} positions, unaligned generates, greedy)",
                        "probe": "standardised logistic regression, last prompt token", "stream_probe": "same, generated tokens"},
             "data": {"dev": dev_source.to_json(), "test": test_source.to_json(),
                      "texts": {"path": str(config.texts), "sha256": file_sha256(config.texts)} if config.texts else None},
@@ -125,9 +127,9 @@ def build_bundle(aligned: LoadedModel, unaligned: LoadedModel, out: Path, config
 def _run(aligned: LoadedModel, unaligned: LoadedModel, tmp: Path, config: BuildConfig, dev: Labeled, test: Labeled, texts: list[str] | None) -> dict[str, Any]:
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    stats = contrast(aligned, unaligned, _harmful(dev, None), max_new_tokens=config.contrast_new_tokens,
-                     batch_size=config.batch_size, seed=config.seed)
-    neurons = ranked_neurons(stats, unaligned, {"method": "contrasting", "positions": "completion", "generator": "unaligned",
+    stats = contrast(aligned, unaligned, _harmful(dev, None), positions=config.contrast_positions,
+                     max_new_tokens=config.contrast_new_tokens, batch_size=config.batch_size, seed=config.seed)
+    neurons = ranked_neurons(stats, unaligned, {"method": "contrasting", "positions": config.contrast_positions, "generator": "unaligned",
                                                 "prompts": str(config.dev), "label": "harmful"})
     neurons.save(tmp / layout.NEURONS)
     sha = file_sha256(tmp / layout.NEURONS)
@@ -151,14 +153,19 @@ def _run(aligned: LoadedModel, unaligned: LoadedModel, tmp: Path, config: BuildC
     timings["deactivation_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    probe_neurons = neurons.top_fraction(config.probe_fraction, total)
+    ks = sorted({len(neurons.top_fraction(f, total)) for f in config.probe_fractions})
+    if config.probe_fraction is None:
+        probe_k, k_table = choose_probe_k(unaligned, neurons, dev, ks, seed=config.seed)
+    else:
+        probe_k, k_table = len(neurons.top_fraction(config.probe_fraction, total)), []
+    probe_neurons = neurons.top(probe_k)
     probe, probe_eval = prefill_probe(unaligned, probe_neurons, dev, test, sha256=sha, fpr=config.target_fpr, seed=config.seed)
     probe.save(tmp / layout.PROBE)
     random_probes = [prefill_probe(unaligned, probe_neurons.random_like(unaligned.sites.d_mlp, s), dev, test, sha256=sha,
                                    fpr=config.target_fpr, seed=config.seed)[1] for s in config.seeds]
-    ks = sorted({neurons.top_fraction(f, total).__len__() for f in config.probe_fractions})
     sweep = probe_sweep(unaligned, neurons, dev, test, ks, config.seeds, fpr=config.target_fpr)
-    stream, stream_metrics = stream_probe(unaligned, probe_neurons, dev, test, sha256=sha, fpr=config.target_fpr,
+    stream_neurons = neurons.top_fraction(config.stream_probe_fraction, total)
+    stream, stream_metrics = stream_probe(unaligned, stream_neurons, dev, test, sha256=sha, fpr=config.target_fpr,
                                           max_new_tokens=config.eval_new_tokens, seed=config.seed)
     stream.save(tmp / layout.STREAM_PROBE)
     timings["probes_s"] = time.perf_counter() - start
@@ -173,6 +180,8 @@ def _run(aligned: LoadedModel, unaligned: LoadedModel, tmp: Path, config: BuildC
         "patching": patching,
         "deactivation": deactivation,
         "probe": {"k": probe.k, "threshold": probe.threshold, "target_fpr": config.target_fpr, "label": "prompt label (harmful/harmless)",
+                  "k_selection": {"rule": "smallest k within 0.002 of the best out-of-fold dev AUROC", "dev": k_table}
+                  if k_table else {"rule": f"fixed fraction {config.probe_fraction}"},
                   "test": {k: probe_eval[k] for k in keep}, "random": [{k: r[k] for k in keep} for r in random_probes], "sweep": sweep},
         "stream_probe": {"k": stream.k, "threshold": stream.threshold, "test": stream_metrics},
         "timings": timings,

@@ -26,7 +26,7 @@ from models.loading import LoadedModel, assert_same_architecture
 from models.neurons import NeuronSet, atomic_write, model_metadata
 from neuronguard.errors import UsageError
 
-Positions = Literal["completion", "prompt", "last"]
+Positions = Literal["completion", "prompt", "all", "last"]
 Generator = Literal["unaligned", "aligned"]
 STATS_FORMAT = "neuronguard.contrast_stats/1"
 
@@ -82,6 +82,8 @@ def position_mask(prompt_lengths: Sequence[int], completion_lengths: Sequence[in
         return column >= start_completion
     if positions == "prompt":
         return (column >= width - total) & (column < start_completion)
+    if positions == "all":
+        return column >= width - total
     return column == start_completion - 1
 
 
@@ -130,7 +132,7 @@ def contrast(
     stats = ContrastStats.empty(unaligned)
     for part in tqdm(list(chunks(prompts, batch_size)), desc="contrasting", unit="batch"):
         encoded = [encode_prompt(unaligned.tokenizer, p) for p in part]
-        if positions == "completion":
+        if positions in ("completion", "all"):
             completions = generate_ids(writer.model, pad_batch(writer, encoded), params, sites=writer.sites)
         else:
             completions = [[] for _ in encoded]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from detector.features import generated_features, last_token_features
 from detector.probe import Probe
-from detector.probe_training import evaluate_scores, group_max, roc_points, train_probe
+from detector.probe_training import evaluate_scores, group_max, out_of_fold_auroc, roc_points, train_probe
 from models.generation import SamplingParams
 from models.loading import LoadedModel
 from models.neurons import NeuronSet
@@ -39,6 +39,20 @@ def prefill_probe(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: La
     metrics = evaluate_scores(scores, labels, probe.threshold)
     probe.metrics.update({"test": metrics})
     return probe, {**metrics, "roc": roc_points(scores, labels), "scores": scores.tolist(), "labels": labels.tolist()}
+
+
+def choose_probe_k(model: LoadedModel, neurons: NeuronSet, dev: Labeled, ks: Sequence[int], *, seed: int = 0,
+                   tolerance: float = 0.002) -> tuple[int, list[dict[str, float]]]:
+    """The smallest k whose out-of-fold dev AUROC is within `tolerance` of the best k's.
+
+    Fewer neurons make the guard cheaper and keep the probe on the neurons that carry the
+    signal; test prompts play no part in the choice.
+    """
+    x = last_token_features(model, dev.prompts, neurons.top(max(ks)).selection())  # columns in file order
+    y = torch.tensor(dev.labels)
+    table = [{"k": k, "dev_oof_auroc": out_of_fold_auroc(x[:, :k], y, seed)} for k in tqdm(sorted(ks), desc="probe k on dev", unit="k")]
+    best = max(row["dev_oof_auroc"] for row in table)
+    return min(row["k"] for row in table if row["dev_oof_auroc"] >= best - tolerance), table
 
 
 def probe_sweep(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Labeled, ks: Sequence[int], seeds: Sequence[int], *, fpr: float) -> list[dict[str, object]]:

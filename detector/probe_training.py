@@ -44,6 +44,12 @@ def _out_of_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int, fo
     return scores
 
 
+def out_of_fold_auroc(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> float:
+    """AUROC of 5-fold out-of-fold scores: how well a probe on `x` generalises within one split."""
+    xn, yn = x.double().numpy(), y.long().numpy()
+    return float(roc_auc_score(yn, _out_of_fold(xn, yn, np.arange(len(yn)), seed)))
+
+
 def group_max(scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-group maximum score (a generation is flagged when any of its tokens is)."""
     ids = np.unique(groups)

@@ -57,6 +57,14 @@ def test_position_masks() -> None:
     assert mask.tolist() == [[False, False, False, False, True], [False, False, False, True, True]]
     assert position_mask([3, 2], [1, 2], 5, "prompt").tolist() == [[False, True, True, True, False], [False, True, True, False, False]]
     assert position_mask([3, 2], [1, 2], 5, "last").tolist() == [[False, False, False, True, False], [False, False, True, False, False]]
+    assert position_mask([3, 2], [1, 2], 5, "all").tolist() == [[False, True, True, True, True], [False, True, True, True, True]]
+
+
+def test_contrasting_all_positions_adds_prompt_and_completion(tiny_llama, tiny_twin) -> None:
+    kwargs = {"max_new_tokens": 4, "batch_size": 2}
+    parts = [contrast(tiny_twin, tiny_llama, PROMPTS, positions=p, **kwargs) for p in ("prompt", "completion", "all")]
+    assert parts[2].count == parts[0].count + parts[1].count
+    torch.testing.assert_close(parts[2].sum_sq, parts[0].sum_sq + parts[1].sum_sq)
 
 
 def test_streamed_contrast_statistics_add_up_exactly(tiny_llama, tiny_twin, tmp_path: Path) -> None:
