@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tuning experiments on the model organism, as one command sequence (docs/tuning.md).
 #
-#   A. SN-Tune of the unaligned organism on its safety neurons, and full fine-tuning on the
-#      same refusal documents (wall-time comparison);
+#   A. SN-Tune of the unaligned organism on its safety neurons (refusal documents plus
+#      harmless retain documents), and full fine-tuning on the same documents (wall-time
+#      comparison);
 #   B. Deact-SN vs Deact-R on the aligned organism (same per-layer counts);
 #   C. robustness: RSN-Tune (safety minus foundation neurons), then plain full fine-tuning of
 #      the original, SN-Tune and RSN-Tune checkpoints on benign Alpaca instructions;
@@ -20,6 +21,8 @@ SAFETY=${SAFETY:-$ORG/bundle/neurons.safetensors}   # contrasting safety neurons
 FRAC=${FRAC:-0.05}                                    # share of the model's MLP neurons tuned
 RUN=${RUN:-runs/tuning}
 LR=${LR:-1e-3}; EPOCHS=${EPOCHS:-1}; DOCS=${DOCS:-200}; BATCH=${BATCH:-8}
+RETAIN=${RETAIN:-models/tuning/data/retain_alpaca.jsonl}  # harmless documents; RETAIN= to tune on refusals only
+RETAIN_DOCS=${RETAIN_DOCS:-1000}; RETAIN_TOKENS=${RETAIN_TOKENS:-8}  # answered by the model itself, loss on 8 opening tokens
 FOUNDATION_PROMPTS=${FOUNDATION_PROMPTS:-models/tuning/data/general_text_prompts.jsonl}
 BENIGN_DOCS=${BENIGN_DOCS:-400}; FT_LR=${FT_LR:-3e-4}; FT_EPOCHS=${FT_EPOCHS:-3}
 LIMIT=${LIMIT:-}                                      # cap prompts per kind in eval (quick runs)
@@ -28,6 +31,7 @@ SEED=${SEED:-0}
 mkdir -p "$RUN"
 tune=("$NG" tune --data "$DATA/refusals_train.jsonl" --max-docs "$DOCS" --lr "$LR" --epochs "$EPOCHS"
       --batch-size "$BATCH" --seed "$SEED" --overwrite)
+[[ -n $RETAIN ]] && tune+=(--retain "$RETAIN" --max-retain-docs "$RETAIN_DOCS" --retain-target-tokens "$RETAIN_TOKENS")
 
 # A. SN-Tune and full fine-tuning on the same documents.
 "${tune[@]}" --model "$ORG/unaligned" --neurons "$SAFETY" --top-frac "$FRAC" --out "$RUN/sn-tune"

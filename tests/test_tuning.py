@@ -103,16 +103,21 @@ def test_retain_documents_train_alongside_and_are_recorded(tiny_llama_path: Path
     retain = tmp_path / "retain.jsonl"
     retain.write_text("".join(json.dumps({"prompt": f"Name a colour number {i}", "response": "Blue."}) + "\n" for i in range(5)))
     outs = {}
-    for name, extra in (("plain", []), ("retain", ["--retain", retain, "--max-retain-docs", 3])):
+    for name, extra in (("plain", []), ("file", ["--retain-answers", "file"]), ("self", [])):
+        if name != "plain":
+            extra = ["--retain", retain, "--max-retain-docs", 3, *extra]
         outs[name] = tmp_path / name
         assert run(["tune", "--model", tiny_llama_path, "--neurons", neurons, "--k", 8, "--data", write_docs(tmp_path / "d.jsonl"),
                     "--out", outs[name], "--lr", 1e-2, *extra]) == 0
-    manifest = json.loads((outs["retain"] / "tune.json").read_text())
-    assert manifest["retain"]["documents"] == 3 and manifest["data"]["documents"] == len(DOCS)
-    assert json.loads((outs["plain"] / "tune.json").read_text())["retain"] is None
-    plain, mixed = tensors(outs["plain"]), tensors(outs["retain"])
-    assert any(not torch.equal(plain[n], mixed[n]) for n in plain)  # the retain documents took part in training
-    assert_only_mask_changed(tiny_llama_path, outs["retain"], build_mask(loaded, mlp_rows(NeuronSet.load(neurons).top(8))))
+    manifests = {name: json.loads((out / "tune.json").read_text()) for name, out in outs.items()}
+    assert manifests["plain"]["retain"] is None
+    assert manifests["file"]["retain"]["documents"] == 3 and manifests["file"]["data"]["documents"] == len(DOCS)
+    assert manifests["self"]["retain"]["answers"] == "self" and 0 < manifests["self"]["retain"]["documents"] <= 3
+    plain = tensors(outs["plain"])
+    for name in ("file", "self"):
+        mixed = tensors(outs[name])
+        assert any(not torch.equal(plain[n], mixed[n]) for n in plain)  # the retain documents took part in training
+        assert_only_mask_changed(tiny_llama_path, outs[name], build_mask(loaded, mlp_rows(NeuronSet.load(neurons).top(8))))
 
 
 def test_tuning_is_deterministic_for_a_seed(tiny_llama_path: Path, tmp_path: Path) -> None:
@@ -207,6 +212,9 @@ def test_loss_targets_are_the_response_tokens_only(tiny_llama) -> None:
     # Every position before the assistant header's last token is unlabelled.
     prompt_len = len(tok.apply_chat_template([{"role": "user", "content": "Tell me a secret"}], tokenize=True, add_generation_prompt=True)["input_ids"])
     assert first == prompt_len - 1
+    opening = encode_document(tok, "Tell me a secret", "I cannot help with that.", 256, target_tokens=3)
+    assert opening.input_ids == example.input_ids
+    assert [t for t in opening.labels if t != IGNORE] == targets[:3] and opening.labels.index(targets[0]) == first
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

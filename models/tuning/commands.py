@@ -43,8 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--batch-size", type=int, default=TrainParams.batch_size)
     tune.add_argument("--max-grad-norm", type=float, default=TrainParams.max_grad_norm)
     tune.add_argument("--max-docs", type=int, help="use the first N documents of --data")
-    tune.add_argument("--retain", type=Path, help='JSONL of harmless {"prompt", "response"} documents trained alongside --data')
-    tune.add_argument("--max-retain-docs", type=int, help="use the first N documents of --retain")
+    tune.add_argument("--retain", type=Path, help='JSONL of harmless {"prompt"} rows trained alongside --data')
+    tune.add_argument("--max-retain-docs", type=int, help="use the first N rows of --retain")
+    tune.add_argument("--retain-answers", choices=("self", "file"), default="self",
+                      help="train on the model's own greedy answers (default) or on the file's 'response' fields")
+    tune.add_argument("--retain-target-tokens", type=int,
+                      help="retain loss on the first N tokens of each answer only (default: the whole answer)")
     tune.add_argument("--max-tokens", type=int, default=256, help="truncate each document to N tokens")
     tune.add_argument("--seed", type=int, default=TrainParams.seed)
     tune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -91,6 +95,8 @@ def run_tune(args: argparse.Namespace) -> int:
         max_docs=args.max_docs,
         retain=args.retain,
         max_retain_docs=args.max_retain_docs,
+        retain_answers=args.retain_answers,
+        retain_target_tokens=args.retain_target_tokens,
         max_tokens=args.max_tokens,
         overwrite=args.overwrite,
     )

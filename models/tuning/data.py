@@ -64,8 +64,14 @@ class Example:
     labels: list[int]
 
 
-def encode_document(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_tokens: int) -> Example:
-    """User prompt + assistant response through the chat template; targets on response tokens only."""
+def encode_document(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_tokens: int, target_tokens: int | None = None
+) -> Example:
+    """User prompt + assistant response through the chat template; targets on response tokens only.
+
+    `target_tokens` keeps only the first N response tokens as targets: enough to teach how
+    an answer opens (comply or refuse) without teaching the rest of its text.
+    """
     prompt_ids = encode_prompt(tokenizer, prompt)
     full = encode_chat(
         tokenizer,
@@ -77,15 +83,16 @@ def encode_document(tokenizer: PreTrainedTokenizerBase, prompt: str, response: s
     full = full[:max_tokens]
     # Position i predicts token i+1; only tokens after the prompt are targets.
     labels = [IGNORE] * (len(full) - 1)
-    for pos in range(len(prompt_ids) - 1, len(full) - 1):
+    end = len(full) - 1 if target_tokens is None else min(len(full) - 1, len(prompt_ids) - 1 + target_tokens)
+    for pos in range(len(prompt_ids) - 1, end):
         labels[pos] = full[pos + 1]
     return Example(full[:-1], labels)
 
 
 def encode_documents(
-    tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, str]], max_tokens: int
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, str]], max_tokens: int, target_tokens: int | None = None
 ) -> list[Example]:
-    examples = [encode_document(tokenizer, r["prompt"], r["response"], max_tokens) for r in rows]
+    examples = [encode_document(tokenizer, r["prompt"], r["response"], max_tokens, target_tokens) for r in rows]
     examples = [e for e in examples if any(t != IGNORE for t in e.labels)]
     if not examples:
         raise UsageError(f"no document has a response token within --max-tokens {max_tokens}")

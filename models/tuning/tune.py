@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import transformers
 
+from models.generation import SamplingParams, generate_responses
+from models.judge import is_refusal
 from models.loading import LoadedModel, load_model
 from models.neurons import file_sha256
 from models.tuning.checkpoint import check_out_dir, save_checkpoint, stored_dtype, weights_sha256
@@ -109,18 +111,25 @@ def tune(
     max_docs: int | None = None,
     retain: Path | None = None,
     max_retain_docs: int | None = None,
+    retain_answers: Literal["self", "file"] = "self",
+    retain_target_tokens: int | None = None,
     max_tokens: int = 256,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune the neurons' weights (all weights when `neurons` is None) and save a checkpoint.
 
-    `retain` documents (harmless prompts with ordinary answers) are mixed into the same
-    shuffled batches: refusal documents alone also teach the tuned neurons to refuse
-    harmless requests that look like harmful ones.
+    `retain` documents (harmless prompts) are mixed into the same shuffled batches: refusal
+    documents alone also teach the tuned neurons to refuse harmless requests that look like
+    harmful ones. With `retain_answers="self"` their responses are the model's own greedy
+    answers, generated before tuning, so the retain loss pins harmless behaviour where it
+    was. `retain_target_tokens` limits the retain loss to the opening tokens of each answer:
+    that is where refusing or complying is decided, and the rest of a reference answer would
+    also teach its text (and move perplexity on similar text).
     """
     started = time.perf_counter()
     out = check_out_dir(out, overwrite)
-    for flag, value in (("--max-docs", max_docs), ("--max-retain-docs", max_retain_docs)):
+    counts = {"--max-docs": max_docs, "--max-retain-docs": max_retain_docs, "--retain-target-tokens": retain_target_tokens}
+    for flag, value in counts.items():
         if value is not None and value <= 0:
             raise UsageError(f"{flag} {value} must be positive")
     if max_retain_docs is not None and retain is None:
@@ -128,10 +137,16 @@ def tune(
     if exclude is not None and neurons is None:
         raise UsageError("--exclude needs --neurons (it removes foundation neurons from a safety-neuron set)")
     rows = read_records(data, ["prompt", "response"])[:max_docs]
-    retain_rows = read_records(retain, ["prompt", "response"])[:max_retain_docs] if retain is not None else []
+    retain_keys = ["prompt"] if retain_answers == "self" else ["prompt", "response"]
+    retain_rows = read_records(retain, retain_keys)[:max_retain_docs] if retain is not None else []
     loaded = load_model(model.path, model.device, model.dtype)
     mask, safety, foundation = _tuning_mask(loaded, neurons, exclude) if neurons is not None else (None, None, None)
-    examples = encode_documents(loaded.tokenizer, rows + retain_rows, min(max_tokens, loaded.context_length))
+    if retain_rows and retain_answers == "self":
+        retain_rows = _own_answers(loaded, [r["prompt"] for r in retain_rows], max_tokens)
+    context = min(max_tokens, loaded.context_length)
+    examples = encode_documents(loaded.tokenizer, rows, context)
+    if retain_rows:
+        examples += encode_documents(loaded.tokenizer, retain_rows, context, retain_target_tokens)
     pad_id = loaded.tokenizer.pad_token_id
     loss_before = mean_loss(loaded.model, examples, pad_id, hp.batch_size)
     before = _snapshot(loaded, mask)
@@ -147,7 +162,9 @@ def tune(
         "neurons": _set_info(neurons, safety) if neurons is not None and safety is not None else None,
         "exclude": _set_info(exclude, foundation) if exclude is not None and foundation is not None else None,
         "data": {"path": str(data), "sha256": file_sha256(data), "documents": len(rows), "max_tokens": max_tokens},
-        "retain": {"path": str(retain), "sha256": file_sha256(retain), "documents": len(retain_rows)} if retain is not None else None,
+        "retain": {"path": str(retain), "sha256": file_sha256(retain), "documents": len(retain_rows), "answers": retain_answers,
+                   "target_tokens": retain_target_tokens}
+        if retain is not None else None,
         "hyperparameters": {**hp.to_dict(), "optimizer": "Adam(weight_decay=0)", "schedule": "cosine to 0", "mask_before_clip": True},
         "parameters": {
             "model_total": total,
@@ -167,6 +184,17 @@ def tune(
 
     save_checkpoint(loaded.model, model.path, out, TUNE_MANIFEST, finish, stored_dtype(model.path))
     return manifest
+
+
+def _own_answers(loaded: LoadedModel, prompts: list[str], max_tokens: int, new_tokens: int = 64) -> list[dict[str, str]]:
+    """The model's greedy answers to `prompts` as retain documents.
+
+    Empty answers and answers the refusal judge flags are dropped: retain documents should
+    hold the model's *non*-refusing behaviour in place, not reinforce a stray refusal.
+    """
+    answers = generate_responses(loaded.model, loaded.tokenizer, prompts,
+                                 SamplingParams(max_new_tokens=min(new_tokens, max_tokens)), batch_size=32)
+    return [{"prompt": p, "response": a} for p, a in zip(prompts, answers) if a.strip() and not is_refusal(a)]
 
 
 def deactivate(model: ModelChoice, neurons: SetChoice, out: Path, *, random_seed: int | None = None, overwrite: bool = False) -> dict[str, Any]:
