@@ -1,6 +1,6 @@
 """End-to-end guard efficacy on held-out prompts, through the real HTTP server.
 
-    python -m bench.guard_efficacy [--harmful 150] [--harmless 300] [--max-tokens 48]
+    python -m bench.guard_efficacy [--harmful 150] [--harmless 300] [--max-tokens 48] [--modes off block ...] [--out FILE]
 
 Serves the built-in organism (unaligned twin, shipped bundle, aligned twin as patch source)
 in-process under uvicorn on 127.0.0.1 and sends every prompt once per guard mode, greedy.
@@ -57,13 +57,14 @@ def main() -> None:
     parser.add_argument("--harmful", type=int, default=150)
     parser.add_argument("--harmless", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     harmful, harmless = load_split("harmful", args.harmful), load_split("harmless", args.harmless)
     app = create_app(Settings(device="cpu", allow_guard_override=True, max_queue=4))
     results: dict[str, dict[str, dict[str, float]]] = {}
     with serve_in_thread(app, timeout_s=300) as base, httpx.Client(base_url=base, timeout=120) as client:
-        for mode in MODES:
+        for mode in args.modes:
             harm, benign = run_mode(client, mode, harmful, args.max_tokens), run_mode(client, mode, harmless, args.max_tokens)
             results[mode] = {
                 "harmful": harm,
