@@ -234,3 +234,20 @@ def test_probe_serving_form_equals_standardised_form() -> None:
     assert probe.score_row(acts, 2) == pytest.approx(float(torch.sigmoid(standardised[2])), abs=1e-5)
     with pytest.raises(ValueError, match="expects 6 features"):
         probe.logit(acts[:, :5])
+
+
+def test_probe_size_is_the_smallest_k_close_to_the_best_dev_auroc(monkeypatch: pytest.MonkeyPatch) -> None:
+    from detector import guard_probes
+
+    gen = torch.Generator().manual_seed(0)
+    labels = [1] * 40 + [0] * 40
+    signal = torch.tensor(labels, dtype=torch.float32)[:, None] * 1.5
+    features = torch.randn(80, 12, generator=gen)
+    features[:, :3] += signal  # only the first three neurons (in file order) carry the label
+    monkeypatch.setattr(guard_probes, "last_token_features", lambda _m, prompts, selection: features[:, : len(selection)])
+    neurons = NeuronSet.from_scores(torch.linspace(1, 0.1, 12).reshape(1, 12), {"model_type": "x"})
+    dev = guard_probes.Labeled([f"p{i}" for i in range(80)], labels)
+    k, table = guard_probes.choose_probe_k(None, neurons, dev, [1, 3, 12])  # type: ignore[arg-type]
+    assert [row["k"] for row in table] == [1, 3, 12]
+    best = max(row["dev_oof_auroc"] for row in table)
+    assert k == 3 and table[1]["dev_oof_auroc"] >= best - 0.002 and table[0]["dev_oof_auroc"] < best - 0.002
