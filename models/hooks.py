@@ -279,8 +279,8 @@ def patch(
                 raise ValueError(
                     f"patch values cover {tuple(layer_values.shape[:2])} (batch, positions), the forward has {tuple(x.shape[:2])}"
                 )
-            x = x.clone()
-            x[..., idx] = layer_values.to(device=x.device, dtype=x.dtype)
+            # index_copy_ on a copy: several times cheaper per call than `x[..., idx] = values`.
+            x = x.clone().index_copy_(-1, idx, layer_values.to(device=x.device, dtype=x.dtype))
             if layer == first_layer:
                 state.patched_positions += x.shape[0] * x.shape[1]
             return (x.view(original.shape), *args[1:])
