@@ -79,7 +79,9 @@ class Probe:
 
     def score_row(self, activations: torch.Tensor, row: int = 0) -> float:
         """Probability for one row as a Python float: the per-token call of the server."""
-        return 1.0 / (1.0 + math.exp(-float(self.logit(activations[row]))))
+        z = float(self.logit(activations[row]))
+        # Two branches keep math.exp from overflowing on logits far from zero either way.
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
     def _check_width(self, activations: torch.Tensor) -> None:
         if activations.shape[-1] != self.k:

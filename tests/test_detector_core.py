@@ -234,6 +234,8 @@ def test_probe_serving_form_equals_standardised_form() -> None:
     assert probe.score_row(acts, 2) == pytest.approx(float(torch.sigmoid(standardised[2])), abs=1e-5)
     with pytest.raises(ValueError, match="expects 6 features"):
         probe.logit(acts[:, :5])
+    extreme = torch.stack([mean + 1e4 * torch.sign(coef) * scale, mean - 1e4 * torch.sign(coef) * scale])  # logits ~ +/-1e4
+    assert probe.score_row(extreme, 0) == 1.0 and probe.score_row(extreme, 1) == 0.0
 
 
 def test_probe_size_is_the_smallest_k_close_to_the_best_dev_auroc(monkeypatch: pytest.MonkeyPatch) -> None:
