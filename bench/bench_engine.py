@@ -4,10 +4,11 @@
     python -m bench.bench_engine --shape llama3-8b --device cuda --dtype bfloat16 --batch 8
 
 Times `models.generation.decode` (greedy, fixed length, KV cache) in three variants,
-interleaved round by round: plain; guarded (the probe's k neurons captured at every step
-and scored); live-patched (a patch source of the same shape overwrites the top 5% of
-neurons each step, running only up to the deepest patched layer). Prints the ratios of
-this one run. Values are random, so only the cost is measured, never efficacy.
+interleaved round by round in rotating order: plain; guarded (the server's readout of two
+probes over k neurons, summed inside every step's forward, then scored); live-patched (a
+patch source of the same shape overwrites the top 5% of neurons each step, running only
+up to the deepest patched layer). Prints the ratios of this one run. Values are random, so
+only the cost is measured, never efficacy.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from models.generation import Batch, PatchSource, SamplingParams, decode
 from models.hooks import NeuronSelection
 from models.loading import resolve_dtype
 from models.sites import resolve_sites
+from server.runtime import STREAM_HEAD, probe_readout
 
 
 def random_selection(num_layers: int, d_mlp: int, k: int, deepest: int, seed: int) -> NeuronSelection:
@@ -63,6 +65,7 @@ def main() -> None:
     probe_sel = random_selection(n_layers, d_mlp, args.probe_k, n_layers - 1, seed=2)
     probe = Probe("bench", args.probe_k, "generated", [0.0] * args.probe_k, [1.0] * args.probe_k,
                   torch.randn(args.probe_k).tolist(), 0.0, 0.5)
+    readout = probe_readout(probe_sel, probe, probe)  # the server's two heads (prefill, stream)
     deepest = n_layers - 1 if args.deepest_layer is None else args.deepest_layer
     patch_sel = random_selection(n_layers, d_mlp, round(args.patch_fraction * n_layers * d_mlp), deepest, seed=3)
     patch_source = PatchSource(source, patch_sel)
@@ -75,8 +78,8 @@ def main() -> None:
             torch.cuda.synchronize()
         start = time.perf_counter()
         if variant == "guarded":
-            for step in decode(served, batch, params, sites=sites, probe=probe_sel):
-                probe.score_row(step.probe_activations)  # the server scores every step
+            for step in decode(served, batch, params, sites=sites, readout=readout):
+                probe.score_logit(float(step.readout_logits[0, STREAM_HEAD]))  # the server scores every step
         else:
             for step in decode(served, batch, params, sites=sites,
                                patch_source=patch_source if variant == "patched" else None):
@@ -88,19 +91,22 @@ def main() -> None:
     variants = ("plain", "guarded", "patched")
     times: dict[str, list[float]] = {v: [] for v in variants}
     for round_ in range(args.rounds + 1):
-        for variant in variants:
+        # The order rotates every round: each variant runs first, second and third equally
+        # often, so a cost that depends on what ran just before (caches) hits all alike.
+        for variant in variants[round_ % 3 :] + variants[: round_ % 3]:
             elapsed = run(variant)
             if round_:  # round 0 warms up
                 times[variant].append(elapsed)
     median = {v: statistics.median(t) for v, t in times.items()}
     # Variants run back to back within a round, so per-round ratios cancel load that drifts
-    # between rounds; their median is the headline figure.
+    # between rounds; their median is the headline figure (use a multiple of 3 rounds).
     paired = {v: statistics.median(a / b for a, b in zip(times[v], times["plain"])) for v in ("guarded", "patched")}
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(json.dumps({
         "shape": args.shape, "device": device, "machine": platform.machine(), "dtype": args.dtype,
         "batch": args.batch, "prompt_tokens": args.prompt_tokens, "new_tokens": args.max_tokens,
         "probe_k": args.probe_k, "patched_neurons": len(patch_sel), "deepest_patched_layer": deepest,
+        "source_selected_mlp": patch_source.deepest is not None,
         "plain_median_s": round(median["plain"], 4),
         "tokens_per_s_plain": round(args.batch * args.max_tokens / median["plain"], 1),
         "guarded_over_plain": round(paired["guarded"], 3),

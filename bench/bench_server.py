@@ -55,14 +55,19 @@ async def chat_times(app, requests: int, max_tokens: int) -> tuple[dict[str, lis
 
 
 def probe_time(runtime, calls: int = 2000) -> float:
+    """Median time of the whole prefill probe on one row of activations, to a float probability.
+
+    Serving does less per token (the logit is summed inside the forward, see `read_out`);
+    this times the complete standalone evaluation, the upper bound of that cost.
+    """
     probe = runtime.bundle.probe
     acts = torch.randn(1, probe.k)
     for _ in range(100):
-        probe.score_row(acts)
+        float(probe.score(acts)[0])
     samples = []
     for _ in range(calls):
         start = time.perf_counter()
-        probe.score_row(acts)
+        float(probe.score(acts)[0])
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 

@@ -48,8 +48,8 @@ class Probe:
         # The logit is affine in the raw activations: w = coef / scale, b = intercept - w . mean.
         # Serving scores every token, so it uses this one dot product instead of standardising.
         weight = [c / s for c, s in zip(self.coef, self.scale)]
-        self._weight = torch.tensor(weight, dtype=torch.float64)
-        self._bias = self.intercept - math.fsum(w * m for w, m in zip(weight, self.mean))
+        self.folded_weight = torch.tensor(weight, dtype=torch.float32)
+        self.folded_bias = self.intercept - math.fsum(w * m for w, m in zip(weight, self.mean))
         self._weight_on: dict[torch.device, torch.Tensor] = {}
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,16 +70,15 @@ class Probe:
         self._check_width(activations)
         device = activations.device
         if device not in self._weight_on:
-            self._weight_on[device] = self._weight.to(device=device, dtype=torch.float32)
-        return activations.float() @ self._weight_on[device] + self._bias
+            self._weight_on[device] = self.folded_weight.to(device)
+        return activations.float() @ self._weight_on[device] + self.folded_bias
 
     def score(self, activations: torch.Tensor) -> torch.Tensor:
         """[b] probability that the continuation is harmful."""
         return torch.sigmoid(self.logit(activations))
 
-    def score_row(self, activations: torch.Tensor, row: int = 0) -> float:
-        """Probability for one row as a Python float: the per-token call of the server."""
-        z = float(self.logit(activations[row]))
+    def score_logit(self, z: float) -> float:
+        """Probability from a logit of this probe as a Python float: the per-token call of the server."""
         # Two branches keep math.exp from overflowing on logits far from zero either way.
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 

@@ -5,9 +5,9 @@ each generated token), patching evaluation (the unaligned model decodes while th
 neurons take the aligned model's values each step) and batch generation for evaluation.
 
 Per step the engine runs at most two forward passes over the *new* positions only: the
-patch source (stopped right after the deepest patched MLP activations) and the served model. The probe reads
-the served model's own activations at the last position of each forward call: the last
-prompt token at prefill, then each generated token.
+patch source (stopped once it has the deepest patched layer's activations) and the served
+model. The probe reads the served model's own activations at the last position of each
+forward call: the last prompt token at prefill, then each generated token.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.chat import encode_prompt
-from models.hooks import NeuronSelection, capture, patch, run_until_stop, stop_after_activations
+from models.hooks import LinearReadout, NeuronSelection, capture, capture_until_deepest, patch, read_out, run_until_stop
+from models.selected_mlp import SelectedMLP
 from models.sites import NeuronSites, resolve_sites
 
 
@@ -36,14 +37,23 @@ class SamplingParams:
 
 @dataclass
 class PatchSource:
-    """A second model whose activations overwrite the served model's chosen neurons."""
+    """A second model whose activations overwrite the served model's chosen neurons.
+
+    Built once per model and selection: for a gated MLP it prepares the deepest patched
+    layer's selected-neuron path (checked against the module), so each step computes only
+    those neurons of that layer's MLP.
+    """
 
     model: PreTrainedModel
     selection: NeuronSelection
     sites: NeuronSites | None = None
+    deepest: SelectedMLP | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.sites = self.sites or resolve_sites(self.model)
+        self.selection.validate(self.sites)
+        layer = self.selection.max_layer
+        self.deepest = SelectedMLP.build(self.sites.layers[layer], self.selection.groups[layer][1])
 
 
 @dataclass
@@ -55,6 +65,7 @@ class Step:
     logits: torch.Tensor  # [b, vocab] float32, before sampling transforms
     finished: torch.Tensor  # [b] bool, row is done after this token
     probe_activations: torch.Tensor | None = None  # [b, k] at the last input position
+    readout_logits: torch.Tensor | None = None  # [b, heads] at the last input position
     patched_positions: int = 0
 
 
@@ -138,11 +149,14 @@ def decode(
     *,
     sites: NeuronSites | None = None,
     probe: NeuronSelection | None = None,
+    readout: LinearReadout | None = None,
     patch_source: PatchSource | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated token until every row stops or the budget is spent.
 
-    Closing the generator early (a cancelled request) removes every hook it installed.
+    `probe` hands each step the selected neurons' activations; `readout` hands it linear
+    probe logits computed inside the forward (the guard server's per-token path). Closing
+    the generator early (a cancelled request) removes every hook it installed.
     """
     sites = sites or resolve_sites(model)
     generator = torch.Generator(device=batch.input_ids.device).manual_seed(params.seed) if params.seed is not None else None
@@ -153,10 +167,11 @@ def decode(
     stops = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=finished.device)
     with ExitStack() as stack:
         probe_cap = stack.enter_context(capture(model, probe, sites=sites, positions="last")) if probe is not None else None
+        readout_values = stack.enter_context(read_out(model, readout, sites=sites)) if readout is not None else None
         source_cap = patcher = None
         if patch_source is not None:
-            source_cap = stack.enter_context(capture(patch_source.model, patch_source.selection, sites=patch_source.sites))
-            stack.enter_context(stop_after_activations(patch_source.model, patch_source.selection.max_layer, sites=patch_source.sites))
+            source_cap = stack.enter_context(capture_until_deepest(
+                patch_source.model, patch_source.selection, sites=patch_source.sites, deepest=patch_source.deepest))
             patcher = stack.enter_context(patch(model, patch_source.selection, sites=sites))
         for index in range(params.max_new_tokens):
             patched = 0
@@ -167,6 +182,8 @@ def decode(
                 patched = inputs.ids.shape[0] * inputs.ids.shape[1]
             if probe_cap is not None:
                 probe_cap.clear()
+            if readout_values is not None:
+                readout_values.clear()
             out = model(**inputs.kwargs(cache))
             logits = out.logits[:, -1, :].float()
             tokens = _sample(logits, params, generator)
@@ -177,6 +194,7 @@ def decode(
                 logits=logits,
                 finished=finished.clone(),
                 probe_activations=probe_cap.last() if probe_cap is not None else None,
+                readout_logits=readout_values.logits() if readout_values is not None else None,
                 patched_positions=patched,
             )
             if bool(finished.all()):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from models.selected_mlp import SelectedMLP
 from models.sites import NeuronSites, resolve_sites
 from neuronguard.errors import UsageError
 
@@ -199,6 +200,18 @@ class Capture:
         return self._in_selection_order(torch.cat(latest, dim=-1), dtype)
 
 
+def _capture_hook(cap: Capture, cache: _DeviceCache, shape: _TokenShape, layer: int):
+    """Forward pre-hook of a down projection that records the layer's selected neurons."""
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        x = shape.unflatten(args[0])  # [b, s, d_mlp]
+        _, idx = cache.get(layer, x.device)
+        picked = x[:, -1] if cap.positions == "last" else x
+        cap._record(layer, picked.detach().index_select(-1, idx))
+
+    return hook
+
+
 @contextmanager
 def capture(
     model: nn.Module,
@@ -213,20 +226,102 @@ def capture(
     cache = _DeviceCache(selection)
     handles: list[RemovableHandle] = []
     shape = _TokenShape(model, handles)
+    with _registered(handles):
+        for layer in selection.groups:
+            handles.append(sites.layers[layer].down.register_forward_pre_hook(_capture_hook(cap, cache, shape, layer)))
+        yield cap
+
+
+@dataclass(frozen=True)
+class LinearReadout:
+    """Linear functions of the selected neurons (probe logits): `activations @ weight + bias`.
+
+    `weight` is [k, heads] in selection order; a head that ignores a neuron has a zero there,
+    so several probes over nested neuron sets share one readout.
+    """
+
+    selection: NeuronSelection
+    weight: torch.Tensor  # [k, heads]
+    bias: torch.Tensor  # [heads]
+
+    def __post_init__(self) -> None:
+        if self.weight.ndim != 2 or self.weight.shape[0] != len(self.selection) or self.bias.shape != self.weight.shape[1:]:
+            raise UsageError(f"readout weight must be [k={len(self.selection)}, heads] and bias [heads]")
+
+    def dense_weights(self, d_mlp: dict[int, int]) -> dict[int, torch.Tensor]:
+        """layer -> [d_mlp, heads] float32 with zero rows for unselected neurons."""
+        dense = {}
+        for layer, (order, idx) in self.selection.groups.items():
+            w = torch.zeros(d_mlp[layer], self.weight.shape[1], dtype=torch.float32)
+            w[idx] = self.weight[order].float()
+            dense[layer] = w
+        return dense
+
+
+class ReadoutValues:
+    """The readout at the last position of the latest forward call, summed over layers by the hooks."""
+
+    def __init__(self, readout: LinearReadout) -> None:
+        self.readout = readout
+        self.layers_seen = 0
+        self.sum: torch.Tensor | None = None  # [b, heads] without bias
+        self._bias_on: dict[torch.device, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        self.layers_seen = 0
+
+    def _add(self, last: torch.Tensor, dense_weight: torch.Tensor, *, first: bool) -> None:
+        """Add one layer's term; the first selected layer of a forward call starts a new sum."""
+        if first:
+            self.sum = last @ dense_weight
+            self.layers_seen = 1
+        else:
+            assert self.sum is not None
+            self.sum.addmm_(last, dense_weight)
+            self.layers_seen += 1
+
+    def logits(self) -> torch.Tensor:
+        """[b, heads] float32."""
+        if self.sum is None or self.layers_seen != len(self.readout.selection.groups):
+            raise RuntimeError("no complete forward pass ran inside this readout since the last clear()")
+        device = self.sum.device
+        if device not in self._bias_on:
+            self._bias_on[device] = self.readout.bias.to(device=device, dtype=torch.float32)
+        return self.sum + self._bias_on[device]
+
+
+@contextmanager
+def read_out(model: nn.Module, readout: LinearReadout, *, sites: NeuronSites | None = None) -> Iterator[ReadoutValues]:
+    """Evaluate a linear readout of the selected neurons inside every forward call.
+
+    Per layer the hook multiplies the last position's whole MLP activation with a dense
+    [d_mlp, heads] weight and adds it to a running sum: one matrix product per layer, no
+    gather and no concatenation, so a decoding step's probe logits exist when its forward
+    ends. This is the serving path of the guard; `capture` remains for anything that needs
+    the activations themselves.
+    """
+    sites = _prepare(model, readout.selection, sites)
+    values = ReadoutValues(readout)
+    dense = readout.dense_weights({layer: sites.layers[layer].d_mlp for layer in readout.selection.groups})
+    on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
+    first_layer = min(readout.selection.groups)
+    handles: list[RemovableHandle] = []
+    shape = _TokenShape(model, handles)
 
     def make_hook(layer: int):
         def hook(_module: nn.Module, args: tuple) -> None:
-            x = shape.unflatten(args[0])  # [b, s, d_mlp]
-            _, idx = cache.get(layer, x.device)
-            picked = x[:, -1] if positions == "last" else x
-            cap._record(layer, picked.detach().index_select(-1, idx))
+            last = shape.unflatten(args[0])[:, -1].float()  # [b, d_mlp]; a no-op cast for float32 models
+            key = (layer, last.device)
+            if key not in on_device:
+                on_device[key] = dense[layer].to(last.device)
+            values._add(last, on_device[key], first=layer == first_layer)
 
         return hook
 
     with _registered(handles):
-        for layer in selection.groups:
+        for layer in readout.selection.groups:
             handles.append(sites.layers[layer].down.register_forward_pre_hook(make_hook(layer)))
-        yield cap
+        yield values
 
 
 PatchValues = torch.Tensor | dict[int, torch.Tensor] | None
@@ -335,30 +430,55 @@ class StopForward(Exception):
 
 
 @contextmanager
-def stop_after_activations(model: nn.Module, layer: int, *, sites: NeuronSites | None = None) -> Iterator[None]:
-    """Abort forward passes once block `layer`'s MLP activations exist (pair with `run_until_stop`).
+def capture_until_deepest(
+    model: nn.Module,
+    selection: NeuronSelection,
+    *,
+    sites: NeuronSites | None = None,
+    deepest: SelectedMLP | None = None,
+) -> Iterator[Capture]:
+    """Capture the selected neurons (all positions) and abort each forward pass once it has them.
 
-    A patch source only needs activations up to the deepest layer holding a patched neuron:
-    the pass stops right before that layer's down projection, skipping it, every later
-    block, the final norm and the LM head. Attention has already written this layer's KV
-    cache, so the cache stays valid for the next decoding step. Enter this after the
-    `capture` it serves: hooks on one module run in registration order.
+    A patch source only needs activations up to the deepest layer holding a selected neuron,
+    so the pass stops there (pair with `run_until_stop`), skipping every later block, the
+    final norm and the LM head. Without `deepest` it stops right before that layer's down
+    projection; with `deepest` (a `SelectedMLP` of that layer and its selected neurons) it
+    stops before the layer's MLP and computes only the selected neurons. Attention has
+    already written the layer's KV cache either way, so the cache stays valid for the next
+    decoding step.
     """
-    sites = sites or resolve_sites(model)
-    if not 0 <= layer < sites.num_layers:
-        raise UsageError(f"layer {layer} out of range (model has {sites.num_layers})")
+    sites = _prepare(model, selection, sites)
+    cap = Capture(selection, "all")
+    cache = _DeviceCache(selection)
     handles: list[RemovableHandle] = []
+    shape = _TokenShape(model, handles)
+    last_layer = selection.max_layer
 
-    def hook(_module: nn.Module, _args: tuple) -> None:
+    def stop(_module: nn.Module, _args: tuple) -> None:
+        raise StopForward
+
+    def selected_and_stop(_module: nn.Module, args: tuple) -> None:
+        assert deepest is not None
+        cap._record(last_layer, deepest(shape.unflatten(args[0])).detach())
         raise StopForward
 
     with _registered(handles):
-        handles.append(sites.layers[layer].down.register_forward_pre_hook(hook))
-        yield
+        for layer in selection.groups:
+            if layer != last_layer:
+                handles.append(sites.layers[layer].down.register_forward_pre_hook(_capture_hook(cap, cache, shape, layer)))
+        last = sites.layers[last_layer]
+        if deepest is not None:
+            if deepest.mlp is not last.mlp or not torch.equal(deepest.indices, selection.groups[last_layer][1]):
+                raise ValueError("the SelectedMLP was built for another layer or other neurons than this selection's deepest")
+            handles.append(deepest.mlp.register_forward_pre_hook(selected_and_stop))
+        else:
+            handles.append(last.down.register_forward_pre_hook(_capture_hook(cap, cache, shape, last_layer)))
+            handles.append(last.down.register_forward_pre_hook(stop))
+        yield cap
 
 
 def run_until_stop(model: nn.Module, **inputs: object) -> object | None:
-    """Call the model; return its output, or None when a `stop_after_activations` hook cut it short."""
+    """Call the model; return its output, or None when a `capture_until_deepest` hook cut it short."""
     try:
         return model(**inputs)
     except StopForward:

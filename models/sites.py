@@ -66,6 +66,7 @@ class LayerSites:
     index: int
     down: nn.Module
     d_mlp: int
+    mlp: nn.Module | None = None  # the module holding `down` (None when `down` sits in the block itself, as in OPT)
     up: nn.Module | None = None
     gate: nn.Module | None = None
     q: nn.Module | None = None
@@ -146,11 +147,13 @@ def resolve_sites(model: nn.Module, override: SiteOverride | None = None) -> Neu
         up = _first(block, up_paths)
         gate = _first(block, gate_paths)
         attn = {name: _first(block, paths) for name, paths in ATTN_PATHS.items()}
+        parent = down_path.rpartition(".")[0]
         resolved.append(
             LayerSites(
                 index=i,
                 down=down,
                 d_mlp=down_input_width(down),
+                mlp=get_submodule(block, parent) if parent else None,
                 up=up[1] if up else None,
                 gate=gate[1] if gate else None,
                 **{name: (hit_[1] if hit_ else None) for name, hit_ in attn.items()},

@@ -231,11 +231,12 @@ def test_probe_serving_form_equals_standardised_form() -> None:
     standardised = ((acts - mean) / scale * coef).sum(-1) - 0.7
     torch.testing.assert_close(probe.logit(acts), standardised, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(probe.contributions(acts).sum(-1) - 0.7, standardised, atol=1e-5, rtol=1e-5)
-    assert probe.score_row(acts, 2) == pytest.approx(float(torch.sigmoid(standardised[2])), abs=1e-5)
+    assert probe.score_logit(float(probe.logit(acts)[2])) == pytest.approx(float(torch.sigmoid(standardised[2])), abs=1e-5)
     with pytest.raises(ValueError, match="expects 6 features"):
         probe.logit(acts[:, :5])
     extreme = torch.stack([mean + 1e4 * torch.sign(coef) * scale, mean - 1e4 * torch.sign(coef) * scale])  # logits ~ +/-1e4
-    assert probe.score_row(extreme, 0) == 1.0 and probe.score_row(extreme, 1) == 0.0
+    high, low = probe.logit(extreme).tolist()
+    assert probe.score_logit(high) == 1.0 and probe.score_logit(low) == 0.0
 
 
 def test_probe_size_is_the_smallest_k_close_to_the_best_dev_auroc(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,10 @@ import torch
 
 from models.chat import encode_chat
 from models.generation import SamplingParams, decode, generate_ids, left_pad, PatchSource
-from models.hooks import NeuronSelection, capture, count_hooks, patch, run_until_stop, scale, stop_after_activations, zero
+from models.hooks import (LinearReadout, NeuronSelection, capture, capture_until_deepest, count_hooks, patch, read_out,
+                          run_until_stop, scale, zero)
 from models.loading import load_model
+from models.selected_mlp import SelectedMLP
 from models.neurons import NeuronSet, model_metadata
 from models.sites import SiteOverride, resolve_sites
 from neuronguard.errors import UsageError
@@ -78,14 +80,49 @@ def test_dynamic_patching_all_neurons_generates_like_the_source(tiny_llama, tiny
 
 
 def test_truncated_patch_source_matches_full_run_on_its_layers(tiny_twin) -> None:
-    sel = NeuronSelection(torch.tensor([0, 1, 1]), torch.tensor([3, 5, 60]))
+    sel = NeuronSelection(torch.tensor([0, 1, 1]), torch.tensor([3, 60, 5]))
     ids = torch.tensor([[3, 50, 60, 70]])
     with torch.no_grad(), capture(tiny_twin.model, sel) as full:
         tiny_twin.model(ids)
-    with torch.no_grad(), capture(tiny_twin.model, sel) as cut, stop_after_activations(tiny_twin.model, 1):
-        assert run_until_stop(tiny_twin.model, input_ids=ids) is None
-    torch.testing.assert_close(cut.activations(), full.activations())
+    deepest = SelectedMLP.build(tiny_twin.sites.layers[1], sel.groups[1][1])
+    assert deepest is not None  # Llama's MLP is a plain gated MLP
+    for fast in (None, deepest):
+        with torch.no_grad(), capture_until_deepest(tiny_twin.model, sel, deepest=fast) as cut:
+            assert run_until_stop(tiny_twin.model, input_ids=ids) is None
+        torch.testing.assert_close(cut.activations(), full.activations(), atol=1e-6, rtol=1e-5)
     assert count_hooks(tiny_twin.model) == 0
+    other_layer = SelectedMLP.build(tiny_twin.sites.layers[0], sel.groups[1][1])
+    with pytest.raises(ValueError, match="another layer"), capture_until_deepest(tiny_twin.model, sel, deepest=other_layer):
+        pass
+    assert count_hooks(tiny_twin.model) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_selected_mlp_is_built_only_where_it_reproduces_the_module(family: str, tmp_path: Path) -> None:
+    loaded = load_model(build_tiny(tmp_path, family))
+    layer = loaded.sites.layers[-1]
+    built = SelectedMLP.build(layer, torch.tensor([2, 0, 7]))
+    assert (built is not None) == (layer.gate is not None)  # gated families get it, the others keep the full path
+    if built is None:
+        return
+    mlp = layer.mlp
+    mlp.forward = lambda x: mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x).clamp(max=0.01))  # another MLP
+    assert SelectedMLP.build(layer, torch.tensor([2, 0, 7])) is None
+
+
+def test_patch_source_with_selected_mlp_decodes_like_the_full_source(tiny_llama, tiny_twin) -> None:
+    sel = NeuronSelection(torch.tensor([0, 2, 2, 1]), torch.tensor([5, 9, 1, 30]))
+    fast = PatchSource(tiny_twin.model, sel, tiny_twin.sites)
+    full = PatchSource(tiny_twin.model, sel, tiny_twin.sites)
+    full.deepest = None
+    assert fast.deepest is not None
+    params = SamplingParams(max_new_tokens=6)
+    steps = {name: list(decode(tiny_llama.model, _batch(tiny_llama), params, patch_source=source))
+             for name, source in (("fast", fast), ("full", full))}
+    assert [s.tokens.tolist() for s in steps["fast"]] == [s.tokens.tolist() for s in steps["full"]]
+    for a, b in zip(steps["fast"], steps["full"]):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    assert count_hooks(tiny_llama.model) == 0 and count_hooks(tiny_twin.model) == 0
 
 
 def test_hooks_are_removed_when_the_forward_raises(tiny_llama) -> None:
@@ -128,6 +165,36 @@ def test_probe_capture_reads_last_position_each_step(tiny_llama) -> None:
                          position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0))
     torch.testing.assert_close(steps[0].probe_activations, cap.activations()[:, -1, :], atol=1e-5, rtol=1e-5)
     assert [s.probe_activations.shape for s in steps] == [(2, 3)] * 3
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])  # OPT flattens tokens inside its MLP
+def test_readout_inside_the_forward_equals_the_captured_activations_times_its_weight(family: str, tmp_path: Path) -> None:
+    loaded = load_model(build_tiny(tmp_path, family))
+    sel = NeuronSelection(torch.tensor([1, 0, 1, 0]), torch.tensor([7, 1, 3, 5]))
+    gen = torch.Generator().manual_seed(0)
+    readout = LinearReadout(sel, torch.randn(4, 2, generator=gen), torch.tensor([0.5, -1.0]))
+    readout_only = list(decode(loaded.model, _batch(loaded), SamplingParams(max_new_tokens=4), readout=readout))
+    both = list(decode(loaded.model, _batch(loaded), SamplingParams(max_new_tokens=4), probe=sel, readout=readout))
+    for alone, step in zip(readout_only, both):
+        expected = step.probe_activations @ readout.weight + readout.bias
+        torch.testing.assert_close(step.readout_logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.readout_logits, step.readout_logits)
+    assert readout_only[0].readout_logits.shape == (2, 2) and count_hooks(loaded.model) == 0
+
+
+def test_readout_refuses_a_forward_it_did_not_see_whole(tiny_llama) -> None:
+    sel = NeuronSelection(torch.tensor([0, 2]), torch.tensor([1, 2]))
+    readout = LinearReadout(sel, torch.ones(2, 1), torch.zeros(1))
+    with pytest.raises(UsageError, match="readout weight"):
+        LinearReadout(sel, torch.ones(3, 1), torch.zeros(1))
+    with torch.no_grad(), read_out(tiny_llama.model, readout) as values:
+        with pytest.raises(RuntimeError, match="no complete forward"):
+            values.logits()
+        with capture_until_deepest(tiny_llama.model, NeuronSelection(torch.tensor([1]), torch.tensor([0]))):
+            run_until_stop(tiny_llama.model, input_ids=torch.tensor([[3, 4]]))  # stops before layer 2
+        with pytest.raises(RuntimeError, match="no complete forward"):
+            values.logits()
+    assert count_hooks(tiny_llama.model) == 0
 
 
 def test_sampling_is_seeded(tiny_llama) -> None:

@@ -115,7 +115,7 @@ def _raw_post(base: str, body: dict) -> socket.socket:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("where", ["capture hook", "patch source forward"])
+@pytest.mark.parametrize("where", ["readout hook", "patch source forward"])
 async def test_an_exception_inside_a_hook_fails_closed_and_the_next_request_works(runtime, settings, where) -> None:
     calls: list[int] = []
 
@@ -131,8 +131,8 @@ async def test_an_exception_inside_a_hook_fails_closed_and_the_next_request_work
 
     guard = {"mode": "block+patch"} if where == "patch source forward" else None
     async with api_client(app_for(runtime, settings)) as client:
-        if where == "capture hook":
-            target, name = hooks.Capture, "_record"
+        if where == "readout hook":
+            target, name = hooks.ReadoutValues, "_add"
         else:
             target, name = runtime.patch_source.model, "forward"
         original = getattr(target, name)
@@ -140,7 +140,7 @@ async def test_an_exception_inside_a_hook_fails_closed_and_the_next_request_work
         try:
             failed = await client.post("/v1/chat/completions", json=chat(HARMLESS, max_tokens=8, guard=guard))
         finally:
-            if where == "capture hook":
+            if where == "readout hook":
                 setattr(target, name, original)
             else:
                 del target.forward

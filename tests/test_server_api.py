@@ -324,23 +324,23 @@ async def test_full_queue_answers_503_with_retry_after(runtime, settings) -> Non
 
 
 async def test_a_failing_probe_blocks_the_request_and_the_next_one_works(runtime, settings, monkeypatch) -> None:
-    def broken(_acts: torch.Tensor, _row: int = 0) -> float:
+    def broken(_logit: float) -> float:
         raise RuntimeError("probe exploded")
 
     calls = []
-    stream_score = runtime.bundle.stream_probe.score_row
+    stream_score = runtime.bundle.stream_probe.score_logit
 
-    def breaks_on_third_token(acts: torch.Tensor, row: int = 0) -> float:
+    def breaks_on_third_token(logit: float) -> float:
         calls.append(1)
-        return broken(acts) if len(calls) == 3 else stream_score(acts, row)
+        return broken(logit) if len(calls) == 3 else stream_score(logit)
 
     async with api_client(app_for(runtime, settings)) as client:
         with monkeypatch.context() as patched:
-            patched.setattr(runtime.bundle.probe, "score_row", broken)
+            patched.setattr(runtime.bundle.probe, "score_logit", broken)
             failed = await client.post("/v1/chat/completions", json=chat(HARMLESS))
             failed_stream = await client.post("/v1/chat/completions", json=chat(HARMLESS, stream=True))
         with monkeypatch.context() as patched:
-            patched.setattr(runtime.bundle.stream_probe, "score_row", breaks_on_third_token)
+            patched.setattr(runtime.bundle.stream_probe, "score_logit", breaks_on_third_token)
             mid_stream = sse_events((await client.post("/v1/chat/completions", json=chat(HARMLESS, stream=True))).text)
         assert count_hooks(runtime.loaded.model) == 0
         after = await client.post("/v1/chat/completions", json=chat(HARMLESS))

@@ -21,7 +21,7 @@ from models.generation import SamplingParams, decode, left_pad
 from server.guard import Decision, GuardPolicy, Stage
 from server.metrics import Metrics
 from server.protocol import FinishReason, GuardReport
-from server.runtime import Runtime
+from server.runtime import PREFILL_HEAD, STREAM_HEAD, Runtime
 from server.scheduler import JobContext
 from server.text import TextStream
 
@@ -85,10 +85,14 @@ class _Verdicts:
                 metrics.guard_decisions.labels(stage, verdict[1]).inc()
 
 
-def score_one(probe: Probe, activations: torch.Tensor, latency: Histogram, scores: Histogram) -> float:
-    """Probe score of row 0 (`activations` [b, k_all]); observes latency and score."""
+def score_one(probe: Probe, logits: torch.Tensor, head: int, latency: Histogram, scores: Histogram) -> float:
+    """Probe score of row 0 from the step's readout logits [b, heads]; observes latency and score.
+
+    The logits were summed inside the forward pass; what is left is reading one value and
+    the sigmoid, which is what the latency histogram times.
+    """
     start = time.perf_counter()
-    score = probe.score_row(activations[:, : probe.k])
+    score = probe.score_logit(float(logits[0, head]))
     latency.observe(time.perf_counter() - start)
     scores.observe(score)
     return score
@@ -126,16 +130,16 @@ def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: 
         return stop
 
     steps = decode(loaded.model, batch, params, sites=loaded.sites,
-                   probe=runtime.probe_selection if scoring else None, patch_source=source)
+                   readout=runtime.readout if scoring else None, patch_source=source)
     try:
         for step in steps:
             ctx.check()
             metrics.patched_tokens.inc(step.patched_positions)
             if scoring:
-                assert step.probe_activations is not None
+                assert step.readout_logits is not None
                 stage: Stage = "prefill" if step.index == 0 else "stream"
-                probe = runtime.bundle.probe if stage == "prefill" else runtime.stream_probe
-                score = score_one(probe, step.probe_activations, metrics.probe_latency, score_metrics[stage])
+                probe, head = (runtime.bundle.probe, PREFILL_HEAD) if stage == "prefill" else (runtime.stream_probe, STREAM_HEAD)
+                score = score_one(probe, step.readout_logits, head, metrics.probe_latency, score_metrics[stage])
                 decision = policy.decide(score, stage)
                 verdicts.record(stage, score, decision)
                 if decision == "block":
