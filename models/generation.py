@@ -24,6 +24,7 @@ from models.chat import encode_prompt
 from models.hooks import LinearReadout, NeuronSelection, capture, capture_until_deepest, patch, read_out, run_until_stop
 from models.selected_mlp import SelectedMLP
 from models.sites import NeuronSites, resolve_sites
+from neuronguard.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,8 @@ def decode(
     the generator early (a cancelled request) removes every hook it installed.
     """
     sites = sites or resolve_sites(model)
+    if patch_source is not None and patch_source.model is model:
+        raise UsageError("the patch source must be a model instance of its own (load the checkpoint twice)")
     generator = torch.Generator(device=batch.input_ids.device).manual_seed(params.seed) if params.seed is not None else None
     inputs = _ForwardInputs(batch, _accepts_position_ids(model))
     cache = DynamicCache()

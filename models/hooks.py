@@ -264,16 +264,15 @@ class ReadoutValues:
     def __init__(self, readout: LinearReadout) -> None:
         self.readout = readout
         self.layers_seen = 0
-        self.sum: torch.Tensor | None = None  # [b, heads] without bias
-        self._bias_on: dict[torch.device, torch.Tensor] = {}
+        self.sum: torch.Tensor | None = None  # [b, heads]: bias plus every layer seen so far
 
     def clear(self) -> None:
         self.layers_seen = 0
 
-    def _add(self, last: torch.Tensor, dense_weight: torch.Tensor, *, first: bool) -> None:
-        """Add one layer's term; the first selected layer of a forward call starts a new sum."""
+    def _add(self, last: torch.Tensor, dense_weight: torch.Tensor, bias: torch.Tensor, *, first: bool) -> None:
+        """Add one layer's term; the first selected layer of a forward call starts a new sum from the bias."""
         if first:
-            self.sum = last @ dense_weight
+            self.sum = torch.addmm(bias, last, dense_weight)
             self.layers_seen = 1
         else:
             assert self.sum is not None
@@ -281,13 +280,10 @@ class ReadoutValues:
             self.layers_seen += 1
 
     def logits(self) -> torch.Tensor:
-        """[b, heads] float32."""
+        """[b, heads] float32. The next forward call starts a new tensor, so this one stays valid."""
         if self.sum is None or self.layers_seen != len(self.readout.selection.groups):
             raise RuntimeError("no complete forward pass ran inside this readout since the last clear()")
-        device = self.sum.device
-        if device not in self._bias_on:
-            self._bias_on[device] = self.readout.bias.to(device=device, dtype=torch.float32)
-        return self.sum + self._bias_on[device]
+        return self.sum
 
 
 @contextmanager
@@ -303,18 +299,19 @@ def read_out(model: nn.Module, readout: LinearReadout, *, sites: NeuronSites | N
     sites = _prepare(model, readout.selection, sites)
     values = ReadoutValues(readout)
     dense = readout.dense_weights({layer: sites.layers[layer].d_mlp for layer in readout.selection.groups})
-    on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
+    on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
     first_layer = min(readout.selection.groups)
     handles: list[RemovableHandle] = []
     shape = _TokenShape(model, handles)
 
     def make_hook(layer: int):
         def hook(_module: nn.Module, args: tuple) -> None:
-            last = shape.unflatten(args[0])[:, -1].float()  # [b, d_mlp]; a no-op cast for float32 models
+            last = shape.unflatten(args[0]).select(1, -1).float()  # [b, d_mlp]; a no-op cast for float32 models
             key = (layer, last.device)
             if key not in on_device:
-                on_device[key] = dense[layer].to(last.device)
-            values._add(last, on_device[key], first=layer == first_layer)
+                on_device[key] = (dense[layer].to(last.device), readout.bias.to(last.device, torch.float32))
+            weight, bias = on_device[key]
+            values._add(last, weight, bias, first=layer == first_layer)
 
         return hook
 
@@ -451,7 +448,7 @@ def capture_until_deepest(
     cap = Capture(selection, "all")
     cache = _DeviceCache(selection)
     handles: list[RemovableHandle] = []
-    shape = _TokenShape(model, handles)
+    shape = _TokenShape(_decoder(model), handles)  # `run_until_stop` calls the decoder stack directly
     last_layer = selection.max_layer
 
     def stop(_module: nn.Module, _args: tuple) -> None:
@@ -477,12 +474,21 @@ def capture_until_deepest(
         yield cap
 
 
-def run_until_stop(model: nn.Module, **inputs: object) -> object | None:
-    """Call the model; return its output, or None when a `capture_until_deepest` hook cut it short."""
+def _decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (`base_model` of a Hugging Face model)."""
+    return getattr(model, "base_model", model)
+
+
+def run_until_stop(model: nn.Module, **inputs: object) -> bool:
+    """Run the model's decoder stack under `capture_until_deepest`; True when its hook cut the pass short.
+
+    A stopped pass never reaches the LM head, so the head's wrapper is skipped altogether.
+    """
     try:
-        return model(**inputs)
+        _decoder(model)(**inputs)
     except StopForward:
-        return None
+        return True
+    return False
 
 
 def count_hooks(model: nn.Module) -> int:

@@ -56,6 +56,29 @@ def test_sites_capture_patch_and_decode_per_family(family: str, tmp_path: Path) 
     assert count_hooks(loaded.model) == 0
 
 
+def test_a_model_cannot_be_its_own_patch_source(tiny_llama) -> None:
+    source = PatchSource(tiny_llama.model, NeuronSelection(torch.tensor([0]), torch.tensor([1])), tiny_llama.sites)
+    with pytest.raises(UsageError, match="instance of its own"):
+        next(decode(tiny_llama.model, _batch(tiny_llama), SamplingParams(max_new_tokens=2), patch_source=source))
+    assert count_hooks(tiny_llama.model) == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_self_patching_with_a_truncated_source_changes_nothing_per_family(family: str, tmp_path: Path) -> None:
+    path = build_tiny(tmp_path, family)
+    loaded, copy = load_model(path), load_model(path)  # a patch source is always a model instance of its own
+    width = loaded.sites.d_mlp
+    sel = NeuronSelection(torch.tensor([0, 1, 0]), torch.tensor([3, width - 1, 1]))  # deepest patched layer: 1
+    source = PatchSource(copy.model, sel, copy.sites)
+    params = SamplingParams(max_new_tokens=4)
+    plain = list(decode(loaded.model, _batch(loaded), params))
+    patched = list(decode(loaded.model, _batch(loaded), params, patch_source=source))
+    assert [s.tokens.tolist() for s in patched] == [s.tokens.tolist() for s in plain]
+    for a, b in zip(patched, plain):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    assert patched[0].patched_positions > 0 and count_hooks(loaded.model) == count_hooks(copy.model) == 0
+
+
 def test_patching_all_neurons_reproduces_the_twin(tiny_llama, tiny_twin) -> None:
     sel = NeuronSelection.all(tiny_llama.sites)
     ids = torch.tensor([[3, 50, 60, 70, 80, 90]])
@@ -88,7 +111,7 @@ def test_truncated_patch_source_matches_full_run_on_its_layers(tiny_twin) -> Non
     assert deepest is not None  # Llama's MLP is a plain gated MLP
     for fast in (None, deepest):
         with torch.no_grad(), capture_until_deepest(tiny_twin.model, sel, deepest=fast) as cut:
-            assert run_until_stop(tiny_twin.model, input_ids=ids) is None
+            assert run_until_stop(tiny_twin.model, input_ids=ids)
         torch.testing.assert_close(cut.activations(), full.activations(), atol=1e-6, rtol=1e-5)
     assert count_hooks(tiny_twin.model) == 0
     other_layer = SelectedMLP.build(tiny_twin.sites.layers[0], sel.groups[1][1])
