@@ -23,8 +23,8 @@ test: $(STAMP)
 
 # CPU benchmarks on the built-in organism; each prints the ratios it measured (docs/benchmarks.md).
 bench: $(STAMP)
-	$(BIN)/python -m bench.bench_engine --shape organism
-	$(BIN)/python -m bench.bench_server
+	$(BIN)/python -m bench.bench_engine --shape organism --probe-k 205 --threads 1
+	$(BIN)/python -m bench.bench_server --threads 1
 	$(BIN)/python -m bench.bench_patching
 	$(BIN)/python -m bench.bench_importance
 	$(BIN)/python -m bench.bench_contrasting

@@ -22,12 +22,12 @@ import time
 import torch
 
 from bench.shapes import SHAPES, random_model
-from detector.probe import Probe
+from detector.probe import Probe, probes_readout
 from models.generation import Batch, PatchSource, SamplingParams, decode
 from models.hooks import NeuronSelection
 from models.loading import resolve_dtype
 from models.sites import resolve_sites
-from server.runtime import STREAM_HEAD, probe_readout
+from server.runtime import STREAM_HEAD
 
 
 def random_selection(num_layers: int, d_mlp: int, k: int, deepest: int, seed: int) -> NeuronSelection:
@@ -65,7 +65,7 @@ def main() -> None:
     probe_sel = random_selection(n_layers, d_mlp, args.probe_k, n_layers - 1, seed=2)
     probe = Probe("bench", args.probe_k, "generated", [0.0] * args.probe_k, [1.0] * args.probe_k,
                   torch.randn(args.probe_k).tolist(), 0.0, 0.5)
-    readout = probe_readout(probe_sel, probe, probe)  # the server's two heads (prefill, stream)
+    readout = probes_readout(probe_sel, (probe, probe))  # the server's two heads (prefill, stream)
     deepest = n_layers - 1 if args.deepest_layer is None else args.deepest_layer
     patch_sel = random_selection(n_layers, d_mlp, round(args.patch_fraction * n_layers * d_mlp), deepest, seed=3)
     patch_source = PatchSource(source, patch_sel)

@@ -50,8 +50,7 @@ def main() -> None:
     selection = bundle.neurons.top(min(args.k, len(bundle.neurons))).selection()
     batch = left_pad([encode_prompt(served.tokenizer, PROMPT)], served.tokenizer.pad_token_id)
     params = SamplingParams(max_new_tokens=args.max_tokens)  # no stop tokens: every run decodes the same length
-    full_mlp = PatchSource(aligned.model, selection, aligned.sites)
-    full_mlp.deepest = None  # the source computes the deepest patched layer's whole MLP
+    full_mlp = PatchSource(aligned.model, selection, aligned.sites, selected_mlp=False)  # whole MLP in the deepest layer
     variants = {"plain": None, "patched": PatchSource(aligned.model, selection, aligned.sites), "patched_full_mlp": full_mlp}
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in variants}

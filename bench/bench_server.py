@@ -57,8 +57,8 @@ async def chat_times(app, requests: int, max_tokens: int) -> tuple[dict[str, lis
 def probe_time(runtime, calls: int = 2000) -> float:
     """Median time of the whole prefill probe on one row of activations, to a float probability.
 
-    Serving does less per token (the logit is summed inside the forward, see `read_out`);
-    this times the complete standalone evaluation, the upper bound of that cost.
+    This is the probe's own arithmetic, as moderation runs it. Serving sums the same logit
+    inside the forward instead (`models.readout`); that cost is part of the guarded ratio.
     """
     probe = runtime.bundle.probe
     acts = torch.randn(1, probe.k)

@@ -1,21 +1,25 @@
 """The guard probe: a standardised logistic regression on safety-neuron activations.
 
-Scoring is plain tensor math (under a millisecond for thousands of neurons), so the server
-can run it on the activations that the prefill, or a decoding step, produced anyway.
-Stored as JSON (`neuronguard.probe/1`), never pickled.
+Scoring is plain tensor math (under a millisecond for thousands of neurons). The server
+folds its probes into one `LinearReadout` (`probes_readout`), summed inside the forward
+that each decoding step runs anyway, and turns the logit into a probability with
+`score_logit`. Stored as JSON (`neuronguard.probe/1`), never pickled.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from models.hooks import NeuronSelection
 from models.neurons import write_json
+from models.readout import LinearReadout
 from neuronguard.errors import UsageError
 
 FORMAT = "neuronguard.probe/1"
@@ -46,7 +50,7 @@ class Probe:
             raise UsageError("probe has non-finite weights or non-positive scales")
         self._tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # The logit is affine in the raw activations: w = coef / scale, b = intercept - w . mean.
-        # Serving scores every token, so it uses this one dot product instead of standardising.
+        # Serving scores every token, so it uses this folded form instead of standardising.
         weight = [c / s for c, s in zip(self.coef, self.scale)]
         self.folded_weight = torch.tensor(weight, dtype=torch.float32)
         self.folded_bias = self.intercept - math.fsum(w * m for w, m in zip(weight, self.mean))
@@ -77,8 +81,9 @@ class Probe:
         """[b] probability that the continuation is harmful."""
         return torch.sigmoid(self.logit(activations))
 
-    def score_logit(self, z: float) -> float:
-        """Probability from a logit of this probe as a Python float: the per-token call of the server."""
+    @staticmethod
+    def score_logit(z: float) -> float:
+        """Probability from a probe logit as a Python float: the per-token call of the server."""
         # Two branches keep math.exp from overflowing on logits far from zero either way.
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
@@ -122,3 +127,13 @@ class Probe:
             return cls(**{f: data[f] for f in fields}, metrics=data.get("metrics", {}))
         except TypeError as exc:
             raise UsageError(f"probe file '{path}' has malformed fields: {exc}") from exc
+
+
+def probes_readout(selection: NeuronSelection, probes: Sequence[Probe]) -> LinearReadout:
+    """One readout whose head i is probe i's logit; each probe reads the first k neurons of `selection`."""
+    weight = torch.zeros(len(selection), len(probes))
+    for head, probe in enumerate(probes):
+        if probe.k > len(selection):
+            raise UsageError(f"a probe reads {probe.k} neurons, the selection has {len(selection)}")
+        weight[: probe.k, head] = probe.folded_weight
+    return LinearReadout(selection, weight, torch.tensor([probe.folded_bias for probe in probes]))

@@ -21,9 +21,11 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.chat import encode_prompt
-from models.hooks import LinearReadout, NeuronSelection, capture, capture_until_deepest, patch, read_out, run_until_stop
+from models.hooks import NeuronSelection, capture, decoder_stack, patch
+from models.readout import LinearReadout, read_out
 from models.selected_mlp import SelectedMLP
 from models.sites import NeuronSites, resolve_sites
+from models.truncated_forward import capture_until_deepest, run_until_stop
 from neuronguard.errors import UsageError
 
 
@@ -40,21 +42,24 @@ class SamplingParams:
 class PatchSource:
     """A second model whose activations overwrite the served model's chosen neurons.
 
-    Built once per model and selection: for a gated MLP it prepares the deepest patched
-    layer's selected-neuron path (checked against the module), so each step computes only
-    those neurons of that layer's MLP.
+    Built once per model and selection. For a gated MLP it prepares the deepest patched
+    layer's selected-neuron path (checked against the module; it copies those weight rows,
+    so build a new source after editing the weights); `selected_mlp=False` keeps the
+    whole MLP.
     """
 
     model: PreTrainedModel
     selection: NeuronSelection
     sites: NeuronSites | None = None
+    selected_mlp: bool = True
     deepest: SelectedMLP | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.sites = self.sites or resolve_sites(self.model)
         self.selection.validate(self.sites)
-        layer = self.selection.max_layer
-        self.deepest = SelectedMLP.build(self.sites.layers[layer], self.selection.groups[layer][1])
+        if self.selected_mlp:
+            layer = self.selection.max_layer
+            self.deepest = SelectedMLP.build(self.sites.layers[layer], self.selection.groups[layer][1])
 
 
 @dataclass
@@ -99,8 +104,8 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None =
     return frozenset(ids)
 
 
-def _accepts_position_ids(model: PreTrainedModel) -> bool:
-    return "position_ids" in inspect.signature(model.forward).parameters
+def _accepts_position_ids(module: torch.nn.Module) -> bool:
+    return "position_ids" in inspect.signature(module.forward).parameters
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -119,20 +124,19 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
 class _ForwardInputs:
     """Input tensors of the next forward call, shared by the served model and the patch source."""
 
-    def __init__(self, batch: Batch, with_positions: bool) -> None:
+    def __init__(self, batch: Batch) -> None:
         self.ids = batch.input_ids
         self.mask = batch.attention_mask
         self.positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        self.with_positions = with_positions
 
-    def kwargs(self, cache: DynamicCache) -> dict[str, object]:
+    def kwargs(self, cache: DynamicCache, with_positions: bool) -> dict[str, object]:
         kwargs: dict[str, object] = {
             "input_ids": self.ids,
             "attention_mask": self.mask,
             "past_key_values": cache,
             "use_cache": True,
         }
-        if self.with_positions:
+        if with_positions:
             kwargs["position_ids"] = self.positions
         return kwargs
 
@@ -160,10 +164,13 @@ def decode(
     the generator early (a cancelled request) removes every hook it installed.
     """
     sites = sites or resolve_sites(model)
-    if patch_source is not None and patch_source.model is model:
+    if patch_source is not None and patch_source.sites.layers[0].down is sites.layers[0].down:
         raise UsageError("the patch source must be a model instance of its own (load the checkpoint twice)")
     generator = torch.Generator(device=batch.input_ids.device).manual_seed(params.seed) if params.seed is not None else None
-    inputs = _ForwardInputs(batch, _accepts_position_ids(model))
+    inputs = _ForwardInputs(batch)
+    positions = _accepts_position_ids(model)
+    # The source runs its decoder stack alone (`run_until_stop`), whose signature may differ.
+    source_positions = patch_source is not None and _accepts_position_ids(decoder_stack(patch_source.model))
     cache = DynamicCache()
     source_cache = DynamicCache()
     finished = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=batch.input_ids.device)
@@ -180,14 +187,14 @@ def decode(
             patched = 0
             if source_cap is not None and patcher is not None and patch_source is not None:
                 source_cap.clear()
-                run_until_stop(patch_source.model, **inputs.kwargs(source_cache))
+                run_until_stop(patch_source.model, **inputs.kwargs(source_cache, source_positions))
                 patcher.set(source_cap.latest_by_layer())
                 patched = inputs.ids.shape[0] * inputs.ids.shape[1]
             if probe_cap is not None:
                 probe_cap.clear()
             if readout_values is not None:
                 readout_values.clear()
-            out = model(**inputs.kwargs(cache))
+            out = model(**inputs.kwargs(cache, positions))
             logits = out.logits[:, -1, :].float()
             tokens = _sample(logits, params, generator)
             finished = finished | torch.isin(tokens, stops) if stops.numel() else finished

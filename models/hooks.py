@@ -3,14 +3,15 @@
 PyTorch hooks are global state on a shared model, so every hook here lives inside a context
 manager that removes its handles in `finally`, also when the forward pass raises. All
 operations are vectorised per layer (one gather/scatter per layer and forward call); there
-is no Python loop over neurons or tokens.
+is no Python loop over neurons or tokens. The guard's per-token readout lives in
+`models.readout`, the patch source's truncated pass in `models.truncated_forward`.
 
 Shapes: `b` batch, `s` positions of one forward call, `k` selected neurons.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -19,7 +20,6 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from models.selected_mlp import SelectedMLP
 from models.sites import NeuronSites, resolve_sites
 from neuronguard.errors import UsageError
 
@@ -75,7 +75,7 @@ class NeuronSelection:
                 raise UsageError(f"neuron index {int(idx.max())} out of range for layer {layer} (MLP width {width})")
 
 
-class _DeviceCache:
+class DeviceCache:
     """Per-device copies of index tensors, so hooks never copy indices on the hot path."""
 
     def __init__(self, selection: NeuronSelection) -> None:
@@ -90,14 +90,16 @@ class _DeviceCache:
         return self._cache[key]
 
 
-def _prepare(model: nn.Module, selection: NeuronSelection, sites: NeuronSites | None) -> NeuronSites:
+def prepare_sites(model: nn.Module, selection: NeuronSelection, sites: NeuronSites | None) -> NeuronSites:
+    """The model's sites (resolved unless given), after checking that the selection fits them."""
     sites = sites or resolve_sites(model)
     selection.validate(sites)
     return sites
 
 
 @contextmanager
-def _registered(handles: list[RemovableHandle]) -> Iterator[None]:
+def registered(handles: list[RemovableHandle]) -> Iterator[None]:
+    """Remove every handle appended to `handles` on exit, also when the body raises."""
     try:
         yield
     finally:
@@ -106,22 +108,23 @@ def _registered(handles: list[RemovableHandle]) -> Iterator[None]:
         handles.clear()
 
 
-class _TokenShape:
+class TokenShape:
     """Remembers (batch, positions) of the current forward call.
 
     Some architectures (OPT) flatten tokens to [b*s, d] inside the MLP; hooks use this to
-    restore the [b, s, d] layout so activations stay per batch row.
+    restore the [b, s, d] layout so activations stay per batch row. It reads the input of
+    the first decoder block, which every call passes through: a top-level call, and a call
+    of the decoder stack alone (a truncated patch-source pass).
     """
 
-    def __init__(self, model: nn.Module, handles: list[RemovableHandle]) -> None:
+    def __init__(self, model: nn.Module, sites: NeuronSites, handles: list[RemovableHandle]) -> None:
         self.shape: tuple[int, int] | None = None
-        handles.append(model.register_forward_pre_hook(self._record, with_kwargs=True))
+        first_block = model.get_submodule(sites.layers_path)[0]
+        handles.append(first_block.register_forward_pre_hook(self._record, with_kwargs=True))
 
     def _record(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        self.shape = tuple(tokens.shape[:2]) if tokens is not None else None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        self.shape = tuple(hidden.shape[:2]) if isinstance(hidden, torch.Tensor) and hidden.ndim == 3 else None
 
     def unflatten(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:
@@ -200,7 +203,7 @@ class Capture:
         return self._in_selection_order(torch.cat(latest, dim=-1), dtype)
 
 
-def _capture_hook(cap: Capture, cache: _DeviceCache, shape: _TokenShape, layer: int):
+def capture_hook(cap: Capture, cache: DeviceCache, shape: TokenShape, layer: int) -> Callable[[nn.Module, tuple], None]:
     """Forward pre-hook of a down projection that records the layer's selected neurons."""
 
     def hook(_module: nn.Module, args: tuple) -> None:
@@ -221,104 +224,15 @@ def capture(
     positions: Literal["all", "last"] = "all",
 ) -> Iterator[Capture]:
     """Record the selected neurons' activations (detached) during every forward call."""
-    sites = _prepare(model, selection, sites)
+    sites = prepare_sites(model, selection, sites)
     cap = Capture(selection, positions)
-    cache = _DeviceCache(selection)
+    cache = DeviceCache(selection)
     handles: list[RemovableHandle] = []
-    shape = _TokenShape(model, handles)
-    with _registered(handles):
+    shape = TokenShape(model, sites, handles)
+    with registered(handles):
         for layer in selection.groups:
-            handles.append(sites.layers[layer].down.register_forward_pre_hook(_capture_hook(cap, cache, shape, layer)))
+            handles.append(sites.layers[layer].down.register_forward_pre_hook(capture_hook(cap, cache, shape, layer)))
         yield cap
-
-
-@dataclass(frozen=True)
-class LinearReadout:
-    """Linear functions of the selected neurons (probe logits): `activations @ weight + bias`.
-
-    `weight` is [k, heads] in selection order; a head that ignores a neuron has a zero there,
-    so several probes over nested neuron sets share one readout.
-    """
-
-    selection: NeuronSelection
-    weight: torch.Tensor  # [k, heads]
-    bias: torch.Tensor  # [heads]
-
-    def __post_init__(self) -> None:
-        if self.weight.ndim != 2 or self.weight.shape[0] != len(self.selection) or self.bias.shape != self.weight.shape[1:]:
-            raise UsageError(f"readout weight must be [k={len(self.selection)}, heads] and bias [heads]")
-
-    def dense_weights(self, d_mlp: dict[int, int]) -> dict[int, torch.Tensor]:
-        """layer -> [d_mlp, heads] float32 with zero rows for unselected neurons."""
-        dense = {}
-        for layer, (order, idx) in self.selection.groups.items():
-            w = torch.zeros(d_mlp[layer], self.weight.shape[1], dtype=torch.float32)
-            w[idx] = self.weight[order].float()
-            dense[layer] = w
-        return dense
-
-
-class ReadoutValues:
-    """The readout at the last position of the latest forward call, summed over layers by the hooks."""
-
-    def __init__(self, readout: LinearReadout) -> None:
-        self.readout = readout
-        self.layers_seen = 0
-        self.sum: torch.Tensor | None = None  # [b, heads]: bias plus every layer seen so far
-
-    def clear(self) -> None:
-        self.layers_seen = 0
-
-    def _add(self, last: torch.Tensor, dense_weight: torch.Tensor, bias: torch.Tensor, *, first: bool) -> None:
-        """Add one layer's term; the first selected layer of a forward call starts a new sum from the bias."""
-        if first:
-            self.sum = torch.addmm(bias, last, dense_weight)
-            self.layers_seen = 1
-        else:
-            assert self.sum is not None
-            self.sum.addmm_(last, dense_weight)
-            self.layers_seen += 1
-
-    def logits(self) -> torch.Tensor:
-        """[b, heads] float32. The next forward call starts a new tensor, so this one stays valid."""
-        if self.sum is None or self.layers_seen != len(self.readout.selection.groups):
-            raise RuntimeError("no complete forward pass ran inside this readout since the last clear()")
-        return self.sum
-
-
-@contextmanager
-def read_out(model: nn.Module, readout: LinearReadout, *, sites: NeuronSites | None = None) -> Iterator[ReadoutValues]:
-    """Evaluate a linear readout of the selected neurons inside every forward call.
-
-    Per layer the hook multiplies the last position's whole MLP activation with a dense
-    [d_mlp, heads] weight and adds it to a running sum: one matrix product per layer, no
-    gather and no concatenation, so a decoding step's probe logits exist when its forward
-    ends. This is the serving path of the guard; `capture` remains for anything that needs
-    the activations themselves.
-    """
-    sites = _prepare(model, readout.selection, sites)
-    values = ReadoutValues(readout)
-    dense = readout.dense_weights({layer: sites.layers[layer].d_mlp for layer in readout.selection.groups})
-    on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-    first_layer = min(readout.selection.groups)
-    handles: list[RemovableHandle] = []
-    shape = _TokenShape(model, handles)
-
-    def make_hook(layer: int):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            last = shape.unflatten(args[0]).select(1, -1).float()  # [b, d_mlp]; a no-op cast for float32 models
-            key = (layer, last.device)
-            if key not in on_device:
-                on_device[key] = (dense[layer].to(last.device), readout.bias.to(last.device, torch.float32))
-            weight, bias = on_device[key]
-            values._add(last, weight, bias, first=layer == first_layer)
-
-        return hook
-
-    with _registered(handles):
-        for layer in readout.selection.groups:
-            handles.append(sites.layers[layer].down.register_forward_pre_hook(make_hook(layer)))
-        yield values
 
 
 PatchValues = torch.Tensor | dict[int, torch.Tensor] | None
@@ -349,12 +263,12 @@ def patch(
     sites: NeuronSites | None = None,
 ) -> Iterator[Patch]:
     """Overwrite the selected neurons' activations with given values (activation patching)."""
-    sites = _prepare(model, selection, sites)
+    sites = prepare_sites(model, selection, sites)
     state = Patch(selection, values)
-    cache = _DeviceCache(selection)
+    cache = DeviceCache(selection)
     handles: list[RemovableHandle] = []
     first_layer = min(selection.groups)
-    shape = _TokenShape(model, handles)
+    shape = TokenShape(model, sites, handles)
 
     def make_hook(layer: int):
         def hook(_module: nn.Module, args: tuple) -> tuple | None:
@@ -379,7 +293,7 @@ def patch(
 
         return hook
 
-    with _registered(handles):
+    with registered(handles):
         for layer in selection.groups:
             handles.append(sites.layers[layer].down.register_forward_pre_hook(make_hook(layer)))
         yield state
@@ -394,8 +308,8 @@ def scale(
     sites: NeuronSites | None = None,
 ) -> Iterator[None]:
     """Multiply the selected neurons' activations by `factor` (scalar or [k])."""
-    sites = _prepare(model, selection, sites)
-    cache = _DeviceCache(selection)
+    sites = prepare_sites(model, selection, sites)
+    cache = DeviceCache(selection)
     factors = torch.as_tensor(factor, dtype=torch.float32).expand(len(selection)).clone()
     handles: list[RemovableHandle] = []
 
@@ -409,7 +323,7 @@ def scale(
 
         return hook
 
-    with _registered(handles):
+    with registered(handles):
         for layer in selection.groups:
             handles.append(sites.layers[layer].down.register_forward_pre_hook(make_hook(layer)))
         yield
@@ -422,73 +336,9 @@ def zero(model: nn.Module, selection: NeuronSelection, *, sites: NeuronSites | N
         yield
 
 
-class StopForward(Exception):
-    """Raised inside a forward pass to skip the layers after the last one that matters."""
-
-
-@contextmanager
-def capture_until_deepest(
-    model: nn.Module,
-    selection: NeuronSelection,
-    *,
-    sites: NeuronSites | None = None,
-    deepest: SelectedMLP | None = None,
-) -> Iterator[Capture]:
-    """Capture the selected neurons (all positions) and abort each forward pass once it has them.
-
-    A patch source only needs activations up to the deepest layer holding a selected neuron,
-    so the pass stops there (pair with `run_until_stop`), skipping every later block, the
-    final norm and the LM head. Without `deepest` it stops right before that layer's down
-    projection; with `deepest` (a `SelectedMLP` of that layer and its selected neurons) it
-    stops before the layer's MLP and computes only the selected neurons. Attention has
-    already written the layer's KV cache either way, so the cache stays valid for the next
-    decoding step.
-    """
-    sites = _prepare(model, selection, sites)
-    cap = Capture(selection, "all")
-    cache = _DeviceCache(selection)
-    handles: list[RemovableHandle] = []
-    shape = _TokenShape(_decoder(model), handles)  # `run_until_stop` calls the decoder stack directly
-    last_layer = selection.max_layer
-
-    def stop(_module: nn.Module, _args: tuple) -> None:
-        raise StopForward
-
-    def selected_and_stop(_module: nn.Module, args: tuple) -> None:
-        assert deepest is not None
-        cap._record(last_layer, deepest(shape.unflatten(args[0])).detach())
-        raise StopForward
-
-    with _registered(handles):
-        for layer in selection.groups:
-            if layer != last_layer:
-                handles.append(sites.layers[layer].down.register_forward_pre_hook(_capture_hook(cap, cache, shape, layer)))
-        last = sites.layers[last_layer]
-        if deepest is not None:
-            if deepest.mlp is not last.mlp or not torch.equal(deepest.indices, selection.groups[last_layer][1]):
-                raise ValueError("the SelectedMLP was built for another layer or other neurons than this selection's deepest")
-            handles.append(deepest.mlp.register_forward_pre_hook(selected_and_stop))
-        else:
-            handles.append(last.down.register_forward_pre_hook(_capture_hook(cap, cache, shape, last_layer)))
-            handles.append(last.down.register_forward_pre_hook(stop))
-        yield cap
-
-
-def _decoder(model: nn.Module) -> nn.Module:
+def decoder_stack(model: nn.Module) -> nn.Module:
     """The decoder stack without the LM head (`base_model` of a Hugging Face model)."""
     return getattr(model, "base_model", model)
-
-
-def run_until_stop(model: nn.Module, **inputs: object) -> bool:
-    """Run the model's decoder stack under `capture_until_deepest`; True when its hook cut the pass short.
-
-    A stopped pass never reaches the LM head, so the head's wrapper is skipped altogether.
-    """
-    try:
-        _decoder(model)(**inputs)
-    except StopForward:
-        return True
-    return False
 
 
 def count_hooks(model: nn.Module) -> int:

@@ -40,7 +40,9 @@ def _recorded_input(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 class SelectedMLP:
     """act(x W_gate[idx]^T + b_gate[idx]) * (x W_up[idx]^T + b_up[idx]) for one layer's chosen neurons.
 
-    Output columns follow `indices` order, the order a `Capture` records that layer in.
+    Output columns follow `indices` order, the order a `Capture` records that layer in. The
+    weight rows are copied when it is built: a later in-place edit of the weights needs a
+    new one.
     """
 
     def __init__(self, sites: LayerSites, indices: torch.Tensor) -> None:
@@ -69,6 +71,8 @@ class SelectedMLP:
             return None
         if gate.weight.device.type == "meta":
             return None  # offloaded weights: nothing to slice
+        if 2 * indices.numel() > gate.weight.shape[0]:
+            return None  # most of the layer: the full MLP is as cheap, and copying its rows is not
         selected = cls(sites, indices)
         return selected if selected._reproduces_module() else None
 

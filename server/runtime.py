@@ -12,20 +12,20 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig
 
 from detector.bundle import MANIFEST, Bundle, load_bundle
-from detector.probe import Probe
+from detector.probe import Probe, probes_readout
 from models.generation import PatchSource, stop_ids
-from models.hooks import LinearReadout, NeuronSelection
+from models.hooks import NeuronSelection
+from models.readout import LinearReadout
 from models.loading import LoadedModel, assert_same_architecture, config_fingerprint, load_model
 from neuronguard.errors import UsageError
 from server.guard import GuardMode, GuardPolicy
 from server.settings import Settings
 
 log = logging.getLogger("neuronguard.server")
-PREFILL_HEAD, STREAM_HEAD = 0, 1  # columns of `Runtime.readout`
+PREFILL_HEAD, STREAM_HEAD = 0, 1  # heads of `Runtime.readout`, in the order `load_runtime` builds it
 
 
 @dataclass
@@ -82,16 +82,6 @@ def preflight(settings: Settings) -> None:
         )
 
 
-def probe_readout(selection: NeuronSelection, prefill: Probe, stream: Probe) -> LinearReadout:
-    """One readout for both probes: each reads the first k neurons of the shared selection."""
-    weight = torch.zeros(len(selection), 2)
-    for head, probe in ((PREFILL_HEAD, prefill), (STREAM_HEAD, stream)):
-        weight[: probe.k, head] = probe.folded_weight
-    bias = torch.zeros(2)
-    bias[PREFILL_HEAD], bias[STREAM_HEAD] = prefill.folded_bias, stream.folded_bias
-    return LinearReadout(selection, weight, bias)
-
-
 def load_runtime(settings: Settings) -> Runtime:
     """Load model, bundle and patch source; raise `UsageError` with a clear message on a mismatch."""
     loaded = load_model(settings.model, settings.device, settings.dtype)
@@ -113,5 +103,5 @@ def load_runtime(settings: Settings) -> Runtime:
         extra={"model": settings.model, "bundle": bundle.name, "patch_source": settings.patch_source,
                "guard_mode": settings.guard_mode, "device": str(loaded.device)},
     )
-    return Runtime(loaded, bundle, patch_source, probe_selection, probe_readout(probe_selection, bundle.probe, stream_probe),
+    return Runtime(loaded, bundle, patch_source, probe_selection, probes_readout(probe_selection, (bundle.probe, stream_probe)),
                    stop_ids(loaded.tokenizer, loaded.model), served_name(settings))

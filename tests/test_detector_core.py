@@ -15,7 +15,7 @@ from detector.forward import model_kwargs, pad_batch
 from detector.importance import batch_importance, importance_stats, qk_importance, select_weight_rows
 from models.weight_rows import WeightRowSet, kv_row_for_query_index
 from detector.patching import patch_sweep, sanity_checks
-from detector.probe import Probe
+from detector.probe import Probe, probes_readout
 from detector.probe_training import evaluate_scores, threshold_for_fpr, train_probe
 from detector.prompts import read_labeled, read_prompts
 from models.chat import encode_prompt
@@ -237,6 +237,20 @@ def test_probe_serving_form_equals_standardised_form() -> None:
     extreme = torch.stack([mean + 1e4 * torch.sign(coef) * scale, mean - 1e4 * torch.sign(coef) * scale])  # logits ~ +/-1e4
     high, low = probe.logit(extreme).tolist()
     assert probe.score_logit(high) == 1.0 and probe.score_logit(low) == 0.0
+
+
+def test_probes_readout_gives_each_probe_its_own_logit() -> None:
+    gen = torch.Generator().manual_seed(1)
+    probes = [Probe("x", k, "generated", torch.randn(k, generator=gen).tolist(), (torch.rand(k, generator=gen) + 0.5).tolist(),
+                    torch.randn(k, generator=gen).tolist(), 0.3 * k, 0.5) for k in (2, 5)]
+    selection = NeuronSelection(torch.tensor([0, 1, 0, 2, 1]), torch.tensor([4, 4, 9, 0, 7]))
+    readout = probes_readout(selection, probes)
+    acts = torch.randn(3, 5, generator=gen)
+    logits = acts @ readout.weight + readout.bias
+    for head, probe in enumerate(probes):
+        torch.testing.assert_close(logits[:, head], probe.logit(acts[:, : probe.k]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(UsageError, match="reads 2 neurons, the selection has 1"):
+        probes_readout(NeuronSelection(torch.tensor([0]), torch.tensor([1])), probes)
 
 
 def test_probe_size_is_the_smallest_k_close_to_the_best_dev_auroc(monkeypatch: pytest.MonkeyPatch) -> None:

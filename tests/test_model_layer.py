@@ -9,8 +9,9 @@ import torch
 
 from models.chat import encode_chat
 from models.generation import SamplingParams, decode, generate_ids, left_pad, PatchSource
-from models.hooks import (LinearReadout, NeuronSelection, capture, capture_until_deepest, count_hooks, patch, read_out,
-                          run_until_stop, scale, zero)
+from models.hooks import NeuronSelection, capture, count_hooks, patch, scale, zero
+from models.readout import LinearReadout, read_out
+from models.truncated_forward import capture_until_deepest, run_until_stop
 from models.loading import load_model
 from models.selected_mlp import SelectedMLP
 from models.neurons import NeuronSet, model_metadata
@@ -115,8 +116,11 @@ def test_truncated_patch_source_matches_full_run_on_its_layers(tiny_twin) -> Non
         torch.testing.assert_close(cut.activations(), full.activations(), atol=1e-6, rtol=1e-5)
     assert count_hooks(tiny_twin.model) == 0
     other_layer = SelectedMLP.build(tiny_twin.sites.layers[0], sel.groups[1][1])
-    with pytest.raises(ValueError, match="another layer"), capture_until_deepest(tiny_twin.model, sel, deepest=other_layer):
-        pass
+    other_neurons = SelectedMLP.build(tiny_twin.sites.layers[1], torch.tensor([60, 4]))
+    for wrong in (other_layer, other_neurons):
+        with pytest.raises(UsageError, match="another layer or other neurons"), \
+                capture_until_deepest(tiny_twin.model, sel, deepest=wrong):
+            pass
     assert count_hooks(tiny_twin.model) == 0
 
 
@@ -136,9 +140,8 @@ def test_selected_mlp_is_built_only_where_it_reproduces_the_module(family: str, 
 def test_patch_source_with_selected_mlp_decodes_like_the_full_source(tiny_llama, tiny_twin) -> None:
     sel = NeuronSelection(torch.tensor([0, 2, 2, 1]), torch.tensor([5, 9, 1, 30]))
     fast = PatchSource(tiny_twin.model, sel, tiny_twin.sites)
-    full = PatchSource(tiny_twin.model, sel, tiny_twin.sites)
-    full.deepest = None
-    assert fast.deepest is not None
+    full = PatchSource(tiny_twin.model, sel, tiny_twin.sites, selected_mlp=False)
+    assert fast.deepest is not None and full.deepest is None
     params = SamplingParams(max_new_tokens=6)
     steps = {name: list(decode(tiny_llama.model, _batch(tiny_llama), params, patch_source=source))
              for name, source in (("fast", fast), ("full", full))}
@@ -203,6 +206,19 @@ def test_readout_inside_the_forward_equals_the_captured_activations_times_its_we
         torch.testing.assert_close(step.readout_logits, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(alone.readout_logits, step.readout_logits)
     assert readout_only[0].readout_logits.shape == (2, 2) and count_hooks(loaded.model) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_readout_counts_a_repeated_neuron_twice_in_any_dtype(tiny_llama, dtype: torch.dtype) -> None:
+    sel = NeuronSelection(torch.tensor([1, 1, 2]), torch.tensor([5, 5, 9]))
+    readout = LinearReadout(sel, torch.tensor([[1.0], [2.0], [-1.0]]), torch.tensor([0.25]))
+    model = tiny_llama.model.to(dtype)
+    try:
+        step = next(decode(model, _batch(tiny_llama), SamplingParams(max_new_tokens=1), probe=sel, readout=readout))
+    finally:
+        model.float()
+    expected = step.probe_activations @ readout.weight + readout.bias
+    torch.testing.assert_close(step.readout_logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_readout_refuses_a_forward_it_did_not_see_whole(tiny_llama) -> None:

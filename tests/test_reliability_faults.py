@@ -24,7 +24,7 @@ import pytest
 
 from bench.load_test import free_port, metric, serve_in_thread
 from detector.bundle import MANIFEST, NEURONS, PROBE, STREAM_PROBE
-from models import hooks
+from models import readout
 from models.chat import encode_prompt
 from models.hooks import count_hooks
 from neuronguard.errors import UsageError
@@ -132,7 +132,7 @@ async def test_an_exception_inside_a_hook_fails_closed_and_the_next_request_work
     guard = {"mode": "block+patch"} if where == "patch source forward" else None
     async with api_client(app_for(runtime, settings)) as client:
         if where == "readout hook":
-            target, name = hooks.ReadoutValues, "_add"
+            target, name = readout.ReadoutValues, "_add"
         else:
             target, name = runtime.patch_source.model.base_model, "forward"  # the decoder stack the source runs
         original = getattr(target, name)

@@ -12,12 +12,11 @@ import threading
 
 import httpx
 import pytest
-import torch
 from pydantic import SecretStr
 
 from models.chat import encode_prompt
 from models.generation import PatchSource, SamplingParams, decode, generate_ids, left_pad
-from models.hooks import NeuronSelection, count_hooks
+from models.hooks import count_hooks
 from models.loading import load_model
 from neuronguard.cli import main as cli_main
 from neuronguard.errors import UsageError

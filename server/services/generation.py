@@ -88,11 +88,12 @@ class _Verdicts:
 def score_one(probe: Probe, logits: torch.Tensor, head: int, latency: Histogram, scores: Histogram) -> float:
     """Probe score of row 0 from the step's readout logits [b, heads]; observes latency and score.
 
-    The logits were summed inside the forward pass; what is left is reading one value and
-    the sigmoid, which is what the latency histogram times.
+    The logit was summed inside the forward pass, so the latency histogram times only the
+    scoring done after it (the read is outside the timer: on a GPU it waits for the forward).
     """
+    logit = float(logits[0, head])
     start = time.perf_counter()
-    score = probe.score_logit(float(logits[0, head]))
+    score = probe.score_logit(logit)
     latency.observe(time.perf_counter() - start)
     scores.observe(score)
     return score

@@ -1,8 +1,9 @@
 """Prefill-only scoring for /v1/moderations and /v1/guard/check (worker thread).
 
 One forward over the (left-padded) batch; the probe reads each row's last prompt token,
-exactly where the chat path reads it, so a moderation score equals the prefill score a
-chat completion of the same prompt gets.
+exactly where the chat path reads it, so a moderation score equals (to float rounding: the
+chat path sums the logit inside the forward) the prefill score a chat completion of the
+same prompt gets.
 """
 
 from __future__ import annotations
