@@ -107,7 +107,12 @@ def read_out(model: nn.Module, readout: LinearReadout, *, sites: NeuronSites | N
 
     def make_hook(layer: int) -> Callable[[nn.Module, tuple], None]:
         def hook(_module: nn.Module, args: tuple) -> None:
-            last = shape.unflatten(args[0]).select(1, -1).detach().float()  # [b, d_mlp]; float32 stays as is
+            last = shape.unflatten(args[0]).select(1, -1)  # [b, d_mlp]
+            # Each skipped op saves a dispatch on every token: serving is inference mode in float32.
+            if last.requires_grad:
+                last = last.detach()
+            if last.dtype != torch.float32:
+                last = last.float()
             dense = by_device.get(last.device)
             if dense is None:
                 dense = by_device[last.device] = readout.dense(last.device, d_mlp)

@@ -226,6 +226,13 @@ def test_readout_refuses_a_forward_it_did_not_see_whole(tiny_llama) -> None:
     readout = LinearReadout(sel, torch.ones(2, 1), torch.zeros(1))
     with pytest.raises(UsageError, match="readout weight"):
         LinearReadout(sel, torch.ones(3, 1), torch.zeros(1))
+    tiny_llama.model.requires_grad_(True)
+    try:
+        with read_out(tiny_llama.model, readout) as values:
+            tiny_llama.model(torch.tensor([[3, 4]]))
+            assert not values.logits().requires_grad  # the readout never keeps an autograd graph
+    finally:
+        tiny_llama.model.requires_grad_(False)
     with torch.no_grad(), read_out(tiny_llama.model, readout) as values:
         with pytest.raises(RuntimeError, match="no complete forward"):
             values.logits()
