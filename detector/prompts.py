@@ -7,10 +7,10 @@ on AdvBench's CSV works everywhere. Bad files are user errors (one line, exit 2)
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.jsonl import read_records
 from models.neurons import file_sha256
 from neuronguard.errors import UsageError
 
@@ -31,19 +31,9 @@ class PromptSource:
 
 
 def _jsonl(path: Path, label: str | None) -> list[str]:
-    prompts: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"'{path}' line {number} is not JSON: {exc.msg}") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise UsageError(f"'{path}' line {number} has no string field 'prompt'")
-        if label is None or row.get("label") == label:
-            prompts.append(row["prompt"])
-    return prompts
+    """Prompts of `{"prompt", "label"?}` rows; with `label`, only the rows carrying that label."""
+    rows = read_records(path, ["prompt"], allow_empty=True)
+    return [row["prompt"] for row in rows if label is None or row.get("label") == label]
 
 
 def _csv(path: Path, column: str | None) -> list[str]:

@@ -104,7 +104,7 @@ def test_bad_input_is_one_line_exit_2(tiny_llama_path, tiny_twin_path, tmp_path:
     _fails(["identify", "--aligned", str(mistral), "--unaligned", str(tiny_llama_path), "--prompts", str(prompts), "--out", str(out)],
            capsys, "different architectures")
     _fails(["identify", *pair, "--prompts", str(empty), "--out", str(out)], capsys, "no prompts")
-    _fails(["identify", *pair, "--prompts", str(bad), "--out", str(out)], capsys, "not JSON")
+    _fails(["identify", *pair, "--prompts", str(bad), "--out", str(out)], capsys, "not valid JSON")
     assert not out.exists()
     assert cli.main(["identify", *pair, "--prompts", str(prompts), "--positions", "last", "--out", str(out)]) == 0
     _fails(["deactivate-eval", "--aligned", str(tiny_twin_path), "--neurons", str(out), "--prompts", str(prompts), "--k", "100000",

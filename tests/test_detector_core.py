@@ -47,7 +47,7 @@ def test_prompt_files(tmp_path: Path) -> None:
     assert read_labeled(tmp_path / "p.jsonl")[:2] == (["x", "y"], [1, 0])
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    for name, match in (("empty.txt", "no prompts"), ("bad.jsonl", "not JSON"), ("missing.txt", "not found"), ("p.csv", "no column")):
+    for name, match in (("empty.txt", "no prompts"), ("bad.jsonl", "not valid JSON"), ("missing.txt", "not found"), ("p.csv", "no column")):
         with pytest.raises(UsageError, match=match):
             read_prompts(tmp_path / name, column="nope" if name == "p.csv" else None)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from models.neurons import atomic_write
 from models.organism import SPLITS_DIR
 from models.organism.data import alpaca_references
-from models.tuning.data import read_records
+from models.jsonl import read_records
 
 
 def benign_documents(n: int, seed: int, split: Path = SPLITS_DIR / "train.jsonl") -> list[dict[str, str]]:

@@ -8,7 +8,6 @@ predict the prompts.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,34 +16,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from models.chat import encode_chat, encode_prompt
+from models.jsonl import read_records
 from neuronguard.errors import UsageError
 
 IGNORE = -100
-
-
-def read_records(path: str | Path, keys: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a JSONL file, each an object with non-empty string `keys`; errors name the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"data file '{path}' not found")
-    rows: list[dict[str, str]] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{number}: expected a JSON object with keys {', '.join(keys)}")
-            for key in keys:
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise UsageError(f"{path}:{number}: field '{key}' is missing or not a non-empty string")
-            rows.append(row)
-    if not rows:
-        raise UsageError(f"data file '{path}' has no records: expected JSONL rows with keys {', '.join(keys)}")
-    return rows
 
 
 def read_prompts(path: str | Path, label: str | None) -> list[str]:

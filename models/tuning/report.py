@@ -11,7 +11,8 @@ import torch
 from models.loading import load_model
 from models.neurons import file_sha256, write_json
 from models.tuning.checkpoint import check_out_dir, staged_dir
-from models.tuning.data import read_prompts, read_records
+from models.jsonl import read_records
+from models.tuning.data import read_prompts
 from models.tuning.evaluate import EvalSettings, evaluate
 from models.tuning.plot import plot_comparison
 from neuronguard.errors import UsageError

@@ -20,7 +20,8 @@ from models.judge import is_refusal
 from models.loading import LoadedModel, load_model
 from models.neurons import file_sha256
 from models.tuning.checkpoint import check_out_dir, save_checkpoint, stored_dtype, weights_sha256
-from models.tuning.data import encode_documents, read_records
+from models.jsonl import read_records
+from models.tuning.data import encode_documents
 from models.tuning.masks import WeightMask, build_mask, parameter_count, whole_ffn_neurons
 from models.tuning.sets import LoadedSet, load_set
 from models.tuning.trainer import TrainParams, mean_loss, train
