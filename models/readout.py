@@ -103,9 +103,11 @@ def read_out(model: nn.Module, readout: LinearReadout, *, sites: NeuronSites | N
     handles: list[RemovableHandle] = []
     shape = TokenShape(model, sites, handles)
 
-    by_device: dict[torch.device, Dense] = {}
-
     def make_hook(layer: int) -> Callable[[nn.Module, tuple], None]:
+        # Looked up once per context (built once per readout) on the layer's device, not per call.
+        weight, bias = readout.dense(sites.layers[layer].down.weight.device, d_mlp)[layer]
+        first = layer == first_layer
+
         def hook(_module: nn.Module, args: tuple) -> None:
             last = shape.unflatten(args[0]).select(1, -1)  # [b, d_mlp]
             # Each skipped op saves a dispatch on every token: serving is inference mode in float32.
@@ -113,11 +115,7 @@ def read_out(model: nn.Module, readout: LinearReadout, *, sites: NeuronSites | N
                 last = last.detach()
             if last.dtype != torch.float32:
                 last = last.float()
-            dense = by_device.get(last.device)
-            if dense is None:
-                dense = by_device[last.device] = readout.dense(last.device, d_mlp)
-            weight, bias = dense[layer]
-            values._add(last, weight, bias, first=layer == first_layer)
+            values._add(last, weight, bias, first=first)
 
         return hook
 
