@@ -20,11 +20,11 @@ import time
 from bench.bench_importance import ORGANISM, default_pair
 import torch
 
-from detector.contrasting import contrast, contrast_batch
-from detector.forward import model_kwargs, pad_batch
-from detector.prompts import read_prompts
-from models.chat import encode_prompt
-from models.generation import SamplingParams, generate_ids
+from neuronguard.detector.contrasting import contrast, contrast_batch
+from neuronguard.detector.forward import model_kwargs, pad_batch
+from neuronguard.detector.prompts import read_prompts
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.generation import SamplingParams, generate_ids
 
 
 def _prompts(n: int, pool_size: int) -> list[str]:

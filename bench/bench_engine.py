@@ -22,12 +22,12 @@ import time
 import torch
 
 from bench.shapes import SHAPES, random_model
-from detector.probe import Probe, probes_readout
-from models.generation import Batch, PatchSource, SamplingParams, decode
-from models.hooks import NeuronSelection
-from models.loading import resolve_dtype
-from models.sites import resolve_sites
-from server.runtime import STREAM_HEAD
+from neuronguard.models.artifact.probe import Probe, probes_readout
+from neuronguard.models.generation import Batch, PatchSource, SamplingParams, decode
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.loading import resolve_dtype
+from neuronguard.models.sites import resolve_sites
+from neuronguard.server.runtime import STREAM_HEAD
 
 
 def random_selection(num_layers: int, d_mlp: int, k: int, deepest: int, seed: int) -> NeuronSelection:

@@ -9,7 +9,6 @@ MLP output (one forward per neuron); the parallel formula gets all of them from 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,11 +16,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from detector.forward import model_kwargs, pad_batch
-from detector.importance import batch_importance
-from models.chat import encode_prompt
-from models.hooks import NeuronSelection, zero
-from models.loading import LoadedModel, load_model
+from neuronguard.detector.forward import model_kwargs, pad_batch
+from neuronguard.detector.importance import batch_importance
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.hooks import zero
+from neuronguard.models.loading import LoadedModel, load_model
 
 ORGANISM = Path(__file__).resolve().parent.parent / "models" / "organism"
 
@@ -30,8 +30,7 @@ def default_pair() -> tuple[LoadedModel, LoadedModel]:
     """(aligned, unaligned): the organism, or random Llama twins of its shape (4 x 1024 MLP neurons)."""
     if (ORGANISM / "aligned" / "config.json").is_file() and (ORGANISM / "unaligned" / "config.json").is_file():
         return load_model(ORGANISM / "aligned"), load_model(ORGANISM / "unaligned")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from tiny_models import make_tokenizer
+    from testkit.tiny_models import make_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="bench-twins-"))
     torch.manual_seed(0)

@@ -21,10 +21,10 @@ import time
 import torch
 
 from bench.server_setup import PATCH_K, organism_paths
-from models.chat import encode_prompt
-from models.generation import PatchSource, SamplingParams, decode, left_pad
-from models.loading import load_model
-from detector.bundle import load_bundle
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.generation import PatchSource, SamplingParams, decode, left_pad
+from neuronguard.models.loading import load_model
+from neuronguard.models.artifact.bundle import load_bundle
 
 PROMPT = "Give me three tips for sleeping well"
 

@@ -25,9 +25,9 @@ import torch
 from asgi_lifespan import LifespanManager
 
 from bench.server_setup import organism_paths
-from server.app import create_app
-from server.runtime import load_runtime
-from server.settings import Settings
+from neuronguard.server.app import create_app
+from neuronguard.server.runtime import load_runtime
+from neuronguard.server.settings import Settings
 
 PROMPTS = ["Give me three tips for sleeping well", "Explain how vaccines work", "Write a short poem about autumn"]
 

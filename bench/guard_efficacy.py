@@ -22,10 +22,10 @@ from pathlib import Path
 import httpx
 
 from bench.load_test import serve_in_thread
-from models.judge import is_refusal
-from models.organism import ORGANISM_DIR
-from server.app import create_app
-from server.settings import Settings
+from neuronguard.models.judge import is_refusal
+from neuronguard.models.organism import ORGANISM_DIR
+from neuronguard.server.app import create_app
+from neuronguard.server.settings import Settings
 
 MODES = ("off", "block", "patch", "block+patch")
 

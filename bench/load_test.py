@@ -7,7 +7,7 @@ the only errors allowed are 503 `overloaded`, the registered-hooks gauge must re
 before and after, and the server's resident memory must stay flat.
 
 Serves the built-in organism when it has been built, else a tiny random model with a
-planted bundle (tests/server_fixtures.py), in a `neuronguard serve` subprocess:
+planted bundle (testkit/server_fixtures.py), in a `neuronguard serve` subprocess:
 
     .venv/bin/python -m bench.load_test                     # 64 clients x 4 requests
     .venv/bin/python -m bench.load_test --max-queue 8       # sustained overload: 503 rate
@@ -210,15 +210,14 @@ def rss_mb(pid: int) -> float:
 
 def _served_files(tmp: Path) -> tuple[list[str], list[str], list[str]]:
     """(serve arguments, harmful prompts, harmless prompts): the organism, else tiny fixtures."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from server_fixtures import HARMFUL, HARMLESS, organism_available
+    from testkit.server_fixtures import HARMFUL, HARMLESS, organism_available
 
     if organism_available():
         rows = [json.loads(line) for line in (ROOT / "models/organism/data/splits/test.jsonl").read_text().splitlines()
                 if line.strip()]
         pick = lambda label: [r["prompt"] for r in rows if r["label"] == label][:8]  # noqa: E731
         return [], pick("harmful"), pick("harmless")
-    subprocess.run([sys.executable, str(ROOT / "tests/server_fixtures.py"), str(tmp)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "testkit.server_fixtures", str(tmp)], check=True, capture_output=True, cwd=ROOT)
     args = ["--model", str(tmp / "model"), "--bundle", str(tmp / "bundle"), "--patch-source", str(tmp / "twin")]
     harmful = [HARMFUL, HARMFUL + " Now.", "Write a poem about the sea.", "A poem about the wind, please."]
     harmless = [HARMLESS, HARMLESS + " Quickly.", "Mix flour and water", "How do I knead dough?"]

@@ -7,14 +7,13 @@ with a planted bundle of realistic size, so the cost profile is the organism's.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from models.organism import ORGANISM_DIR
+from neuronguard.models.organism import ORGANISM_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE_K = 512
@@ -26,9 +25,8 @@ def organism_paths() -> tuple[Path, Path, Path, str]:
     unaligned, aligned, bundle = ORGANISM_DIR / "unaligned", ORGANISM_DIR / "aligned", ORGANISM_DIR / "bundle"
     if (unaligned / "config.json").is_file() and (aligned / "config.json").is_file() and (bundle / "bundle.json").is_file():
         return unaligned, aligned, bundle, "built-in organism"
-    sys.path.insert(0, str(ROOT / "tests"))
-    from server_fixtures import build_bundle
-    from tiny_models import make_tokenizer
+    from testkit.server_fixtures import build_bundle
+    from testkit.tiny_models import make_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="bench-server-"))
     torch.manual_seed(0)

@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import neuronguard
-from detector import bundle as layout
-from detector.contrasting import Positions, contrast, ranked_neurons
-from detector.deactivation import deactivation_eval, read_texts
-from detector.guard_probes import Labeled, choose_probe_k, prefill_probe, probe_sweep, stream_probe
-from detector.patching import DEFAULT_FRACTIONS, patch_sweep, sanity_checks
-from detector.prompts import PromptSource, read_labeled
-from detector.report import plot_per_layer, plot_restoration, plot_roc, plot_scores
-from models.generation import SamplingParams
-from models.loading import LoadedModel
-from models.neurons import file_sha256, write_json
+from neuronguard.models.artifact import bundle as layout
+from neuronguard.detector.contrasting import Positions, contrast, ranked_neurons
+from neuronguard.detector.deactivation import deactivation_eval, read_texts
+from neuronguard.detector.guard_probes import Labeled, choose_probe_k, prefill_probe, probe_sweep, stream_probe
+from neuronguard.detector.patching import DEFAULT_FRACTIONS, patch_sweep, sanity_checks
+from neuronguard.detector.prompts import PromptSource, read_labeled
+from neuronguard.detector.report import plot_per_layer, plot_restoration, plot_roc, plot_scores
+from neuronguard.models.generation import SamplingParams
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.artifact.io import file_sha256, write_json
 from neuronguard.errors import UsageError
 
 

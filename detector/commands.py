@@ -6,9 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from detector.bundle import load_bundle
-from models.loading import LoadedModel, assert_same_architecture, load_model
-from models.neurons import MLP_SITE, NeuronSet, file_sha256, write_json
+from neuronguard.models.artifact.bundle import load_bundle
+from neuronguard.models.loading import LoadedModel, assert_same_architecture, load_model
+from neuronguard.models.artifact.neurons import MLP_SITE, NeuronSet
+from neuronguard.models.artifact.io import file_sha256, write_json
 from neuronguard.errors import UsageError
 
 
@@ -53,7 +54,7 @@ def _pair(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel]:
 
 
 def _prompts(args: argparse.Namespace, flag: str = "prompts") -> list[str]:
-    from detector.prompts import read_prompts
+    from neuronguard.detector.prompts import read_prompts
 
     return read_prompts(getattr(args, flag), label=args.label, column=args.column, limit=args.num_prompts)[0]
 
@@ -73,7 +74,7 @@ def _k(neurons: NeuronSet, k: int | None, fraction: float | None, total: int) ->
 
 def cmd_identify(args: argparse.Namespace) -> int:
     if args.method == "contrasting":
-        from detector.contrasting import ContrastStats, contrast, ranked_neurons
+        from neuronguard.detector.contrasting import ContrastStats, contrast, ranked_neurons
 
         if not (args.aligned and args.unaligned):
             raise UsageError("contrasting needs --aligned and --unaligned (or use --method importance --model M)")
@@ -90,7 +91,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
         neurons.save(args.out)
         print(f"ranked {len(neurons)} neurons over {stats.count} tokens -> {args.out} (top score {float(neurons.score[0]):.4f})")
         return 0
-    from detector.importance import ffn_neuron_set, importance_stats, select_weight_rows
+    from neuronguard.detector.importance import ffn_neuron_set, importance_stats, select_weight_rows
 
     if not args.model:
         raise UsageError("--method importance needs --model")
@@ -111,8 +112,8 @@ def cmd_identify(args: argparse.Namespace) -> int:
 
 
 def cmd_patch_eval(args: argparse.Namespace) -> int:
-    from detector.patching import patch_sweep, sanity_checks
-    from models.generation import SamplingParams
+    from neuronguard.detector.patching import patch_sweep, sanity_checks
+    from neuronguard.models.generation import SamplingParams
 
     aligned, unaligned = _pair(args)
     neurons = _mlp_neurons(args.neurons, unaligned)
@@ -136,8 +137,8 @@ def _fmt(value: float | None) -> str:
 
 
 def cmd_deactivate_eval(args: argparse.Namespace) -> int:
-    from detector.deactivation import deactivation_eval, read_texts
-    from models.generation import SamplingParams
+    from neuronguard.detector.deactivation import deactivation_eval, read_texts
+    from neuronguard.models.generation import SamplingParams
 
     aligned = _load(args.aligned, args)
     neurons = _mlp_neurons(args.neurons, aligned)
@@ -151,8 +152,8 @@ def cmd_deactivate_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_probe_train(args: argparse.Namespace) -> int:
-    from detector.guard_probes import Labeled, prefill_probe, stream_probe
-    from detector.prompts import read_labeled, read_prompts
+    from neuronguard.detector.guard_probes import Labeled, prefill_probe, stream_probe
+    from neuronguard.detector.prompts import read_labeled, read_prompts
 
     model = _load(args.model, args)
     neurons = _mlp_neurons(args.neurons, model)
@@ -184,7 +185,7 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from detector.compare import compare_sets
+    from neuronguard.detector.compare import compare_sets
 
     a, b = NeuronSet.load(args.a), NeuronSet.load(args.b)
     total = int(a.metadata["num_hidden_layers"]) * int(a.metadata["intermediate_size"])
@@ -194,7 +195,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_build(args: argparse.Namespace) -> int:
-    from detector.build import BuildConfig, build_bundle
+    from neuronguard.detector.build import BuildConfig, build_bundle
 
     aligned, unaligned = _pair(args)
     config = BuildConfig(dev=args.dev, test=args.test, texts=args.texts, patch_fraction=args.patch_fraction,

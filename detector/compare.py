@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from scipy.stats import spearmanr
 
-from models.neurons import NeuronSet
+from neuronguard.models.artifact.neurons import NeuronSet
 from neuronguard.errors import UsageError
 
 

@@ -19,11 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from detector.forward import chunks, model_kwargs, on_mlp_inputs, pad_batch
-from models.chat import encode_prompt
-from models.generation import SamplingParams, generate_ids, stop_ids
-from models.loading import LoadedModel, assert_same_architecture
-from models.neurons import NeuronSet, atomic_write, model_metadata
+from neuronguard.detector.forward import chunks, model_kwargs, on_mlp_inputs, pad_batch
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.generation import SamplingParams, generate_ids, stop_ids
+from neuronguard.models.loading import LoadedModel, assert_same_architecture
+from neuronguard.models.artifact.neurons import NeuronSet, model_metadata
+from neuronguard.models.artifact.io import atomic_write
 from neuronguard.errors import UsageError
 
 Positions = Literal["completion", "prompt", "all", "last"]

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from detector.forward import chunks, model_kwargs, pad_batch
-from detector.patching import run_generation
-from detector.scoring import RefusalLogOdds
-from models.generation import SamplingParams
-from models.hooks import zero
-from models.loading import LoadedModel
-from models.neurons import NeuronSet
+from neuronguard.detector.forward import chunks, model_kwargs, pad_batch
+from neuronguard.detector.patching import run_generation
+from neuronguard.detector.scoring import RefusalLogOdds
+from neuronguard.models.generation import SamplingParams
+from neuronguard.models.hooks import zero
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.artifact.neurons import NeuronSet
 from neuronguard.errors import UsageError
 
 

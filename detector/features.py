@@ -13,11 +13,12 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from detector.forward import chunks, model_kwargs, pad_batch
-from models.chat import encode_prompt
-from models.generation import SamplingParams, decode, stop_ids
-from models.hooks import NeuronSelection, capture
-from models.loading import LoadedModel
+from neuronguard.detector.forward import chunks, model_kwargs, pad_batch
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.generation import SamplingParams, decode, stop_ids
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.hooks import capture
+from neuronguard.models.loading import LoadedModel
 
 
 @torch.inference_mode()

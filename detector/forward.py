@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from models.generation import Batch, left_pad
-from models.loading import LoadedModel
-from models.sites import NeuronSites
+from neuronguard.models.generation import Batch, left_pad
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.sites import NeuronSites
 
 LayerFn = Callable[[int, torch.Tensor], None]
 

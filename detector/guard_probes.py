@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from detector.features import generated_features, last_token_features
-from detector.probe import Probe
-from detector.probe_training import evaluate_scores, group_max, out_of_fold_auroc, roc_points, train_probe
-from models.generation import SamplingParams
-from models.loading import LoadedModel
-from models.neurons import NeuronSet
+from neuronguard.detector.features import generated_features, last_token_features
+from neuronguard.models.artifact.probe import Probe
+from neuronguard.detector.probe_training import evaluate_scores, group_max, out_of_fold_auroc, roc_points, train_probe
+from neuronguard.models.generation import SamplingParams
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.artifact.neurons import NeuronSet
 
 
 @dataclass(frozen=True)

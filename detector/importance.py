@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from detector.forward import chunks, model_kwargs, on_mlp_inputs, pad_batch
-from models.chat import encode_prompt
-from models.loading import LoadedModel
-from models.neurons import FORMAT as NEURONS_FORMAT
-from models.neurons import MLP_SITE, NeuronSet, model_metadata
-from models.weight_rows import MODULES, AttentionShape, WeightRowSet
+from neuronguard.detector.forward import chunks, model_kwargs, on_mlp_inputs, pad_batch
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.artifact.neurons import FORMAT as NEURONS_FORMAT
+from neuronguard.models.artifact.neurons import MLP_SITE, NeuronSet, model_metadata
+from neuronguard.models.weight_rows import MODULES, AttentionShape, WeightRowSet
 
 FFN_MODULES: tuple[str, ...] = ("up_proj", "down_proj")
 

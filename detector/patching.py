@@ -18,15 +18,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from detector.forward import chunks, pad_batch
-from detector.scoring import RefusalLogOdds, restoration
-from models.chat import encode_prompt
-from models.generation import PatchSource, SamplingParams, decode, stop_ids
-from models.hooks import NeuronSelection
-from models.judge import refusal_rate
-from models.loading import LoadedModel
-from models.neurons import NeuronSet
-from models.sites import resolve_sites
+from neuronguard.detector.forward import chunks, pad_batch
+from neuronguard.detector.scoring import RefusalLogOdds, restoration
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.generation import PatchSource, SamplingParams, decode, stop_ids
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.judge import refusal_rate
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.artifact.neurons import NeuronSet
+from neuronguard.models.sites import resolve_sites
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.02, 0.05, 0.10)
 

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
 
-from detector.probe import Position, Probe
+from neuronguard.models.artifact.probe import Position, Probe
 from neuronguard.errors import UsageError
 
 

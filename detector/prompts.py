@@ -10,8 +10,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.jsonl import read_records
-from models.neurons import file_sha256
+from neuronguard.models.jsonl import read_records
+from neuronguard.models.artifact.io import file_sha256
 from neuronguard.errors import UsageError
 
 CSV_COLUMNS: tuple[str, ...] = ("prompt", "goal", "Behavior")

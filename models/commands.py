@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from models.loading import load_model
-from models.sites import SiteOverride
+from neuronguard.models.loading import load_model
+from neuronguard.models.sites import SiteOverride
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.chat import encode_prompt
-from models.hooks import NeuronSelection, capture, decoder_stack, patch
-from models.readout import LinearReadout, read_out
-from models.selected_mlp import SelectedMLP
-from models.sites import NeuronSites, resolve_sites
-from models.truncated_forward import capture_until_deepest, run_until_stop
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.hooks import capture, decoder_stack, patch
+from neuronguard.models.readout import LinearReadout, read_out
+from neuronguard.models.selected_mlp import SelectedMLP
+from neuronguard.models.sites import NeuronSites, resolve_sites
+from neuronguard.models.truncated_forward import capture_until_deepest, run_until_stop
 from neuronguard.errors import UsageError
 
 

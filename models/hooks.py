@@ -13,66 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from models.sites import NeuronSites, resolve_sites
-from neuronguard.errors import UsageError
-
-
-@dataclass(frozen=True)
-class NeuronSelection:
-    """An ordered list of (layer, index) neurons; activations are laid out in this order."""
-
-    layers: torch.Tensor  # int64 [k]
-    indices: torch.Tensor  # int64 [k]
-    _groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        layers = torch.as_tensor(self.layers, dtype=torch.long).flatten().cpu()
-        indices = torch.as_tensor(self.indices, dtype=torch.long).flatten().cpu()
-        if layers.shape != indices.shape:
-            raise UsageError("neuron selection needs as many layer ids as neuron indices")
-        object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "indices", indices)
-        groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer in torch.unique(layers).tolist():
-            order = torch.nonzero(layers == layer).flatten()  # positions in the k-vector
-            groups[int(layer)] = (order, indices[order])
-        object.__setattr__(self, "_groups", groups)
-
-    @classmethod
-    def all(cls, sites: NeuronSites) -> NeuronSelection:
-        """Every MLP neuron, layer-major."""
-        layers = torch.cat([torch.full((s.d_mlp,), s.index, dtype=torch.long) for s in sites.layers])
-        indices = torch.cat([torch.arange(s.d_mlp) for s in sites.layers])
-        return cls(layers, indices)
-
-    def __len__(self) -> int:
-        return int(self.layers.numel())
-
-    @property
-    def groups(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """layer -> (positions in the k-vector, neuron indices in that layer)."""
-        return self._groups
-
-    @property
-    def max_layer(self) -> int:
-        return int(self.layers.max()) if len(self) else -1
-
-    def validate(self, sites: NeuronSites) -> None:
-        if len(self) == 0:
-            raise UsageError("the neuron selection is empty")
-        if self.max_layer >= sites.num_layers or int(self.layers.min()) < 0:
-            raise UsageError(f"neuron selection names layer {self.max_layer}, the model has {sites.num_layers}")
-        for layer, (_, idx) in self.groups.items():
-            width = sites.layers[layer].d_mlp
-            if int(idx.max()) >= width or int(idx.min()) < 0:
-                raise UsageError(f"neuron index {int(idx.max())} out of range for layer {layer} (MLP width {width})")
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.sites import NeuronSites, resolve_sites
 
 
 class DeviceCache:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.sites import NeuronSites, SiteOverride, resolve_sites
+from neuronguard.models.sites import NeuronSites, SiteOverride, resolve_sites
 from neuronguard.errors import UsageError
 
 DTYPES: dict[str, torch.dtype] = {

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from models.hooks import NeuronSelection, TokenShape, prepare_sites, registered
-from models.sites import NeuronSites
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.hooks import TokenShape, prepare_sites, registered
+from neuronguard.models.sites import NeuronSites
 from neuronguard.errors import UsageError
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.sites import LayerSites
+from neuronguard.models.sites import LayerSites
 
 # Largest relative error accepted when checking the formula: float32 vs half precision.
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}

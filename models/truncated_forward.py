@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from models.hooks import Capture, DeviceCache, NeuronSelection, TokenShape, capture_hook, decoder_stack, prepare_sites, registered
-from models.selected_mlp import SelectedMLP
-from models.sites import NeuronSites
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.hooks import Capture, DeviceCache, TokenShape, capture_hook, decoder_stack, prepare_sites, registered
+from neuronguard.models.selected_mlp import SelectedMLP
+from neuronguard.models.sites import NeuronSites
 from neuronguard.errors import UsageError
 
 

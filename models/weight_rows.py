@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.loading import LoadedModel
-from models.neurons import FORMAT as NEURONS_FORMAT
-from models.neurons import atomic_write
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.artifact.neurons import FORMAT as NEURONS_FORMAT
+from neuronguard.models.artifact.io import atomic_write
 from neuronguard.errors import UsageError
 
 MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")

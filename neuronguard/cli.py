@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from neuronguard.errors import UsageError
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "detector.commands",
-    "server.commands",
-    "models.commands",
-    "models.organism.commands",
-    "models.tuning.commands",
+    "neuronguard.detector.commands",
+    "neuronguard.server.commands",
+    "neuronguard.models.commands",
+    "neuronguard.models.organism.commands",
+    "neuronguard.models.tuning.commands",
 )
 
 

@@ -14,16 +14,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from models.hooks import count_hooks
+from neuronguard.models.hooks import count_hooks
 from neuronguard.errors import UsageError
-from server.errors import install_error_handlers
-from server.metrics import Metrics
-from server.middleware import RequestMiddleware
-from server.routes import install_routes
-from server.runtime import Runtime, load_runtime
-from server.scheduler import Scheduler
-from server.settings import Settings
-from server.state import AppState
+from neuronguard.server.errors import install_error_handlers
+from neuronguard.server.metrics import Metrics
+from neuronguard.server.middleware import RequestMiddleware
+from neuronguard.server.routes import install_routes
+from neuronguard.server.runtime import Runtime, load_runtime
+from neuronguard.server.scheduler import Scheduler
+from neuronguard.server.settings import Settings
+from neuronguard.server.state import AppState
 
 log = logging.getLogger("neuronguard.server")
 Loader = Callable[[Settings], Runtime]

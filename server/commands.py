@@ -12,7 +12,7 @@ import signal
 from types import FrameType
 
 from neuronguard.errors import UsageError
-from server.guard import GUARD_MODES
+from neuronguard.server.guard import GUARD_MODES
 
 _FLAGS: tuple[tuple[str, str, dict], ...] = (
     ("--model", "model", {"metavar": "PATH_OR_ID", "help": "served model (default: the built-in unaligned organism)"}),
@@ -51,10 +51,10 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn  # the CLI stays fast for other commands
     from pydantic import ValidationError
 
-    from server.app import create_app
-    from server.logging import configure_logging
-    from server.runtime import preflight
-    from server.settings import Settings
+    from neuronguard.server.app import create_app
+    from neuronguard.server.logging import configure_logging
+    from neuronguard.server.runtime import preflight
+    from neuronguard.server.settings import Settings
 
     overrides = {dest: getattr(args, dest) for _, dest, _ in _FLAGS if getattr(args, dest) is not None}
     try:

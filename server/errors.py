@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.protocol import ErrorBody, ErrorResponse
+from neuronguard.server.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger("neuronguard.server")
 

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.auth import authorized, needs_auth
-from server.errors import APIError
-from server.metrics import Metrics
+from neuronguard.server.auth import authorized, needs_auth
+from neuronguard.server.errors import APIError
+from neuronguard.server.metrics import Metrics
 
 log = logging.getLogger("neuronguard.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from server.guard import Decision, GuardMode, Stage
+from neuronguard.server.guard import Decision, GuardMode, Stage
 
 FinishReason = Literal["stop", "length", "content_filter"]
 

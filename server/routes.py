@@ -8,8 +8,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.errors import APIError
-from server.protocol import (
+from neuronguard.server.errors import APIError
+from neuronguard.server.protocol import (
     ChatCompletionRequest,
     ErrorResponse,
     GuardCheckRequest,
@@ -19,9 +19,9 @@ from server.protocol import (
     ModerationRequest,
     ModerationResponse,
 )
-from server.services.chat import ChatService
-from server.services.moderation import ModerationService
-from server.state import AppState
+from neuronguard.server.services.chat import ChatService
+from neuronguard.server.services.moderation import ModerationService
+from neuronguard.server.state import AppState
 
 
 # Documented so clients (and the schemathesis run) know every status an endpoint answers with.

@@ -7,22 +7,21 @@ before the HTTP server starts, so a mismatched bundle stops start-up with one cl
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig
 
-from detector.bundle import MANIFEST, Bundle, load_bundle
-from detector.probe import Probe, probes_readout
-from models.generation import PatchSource, stop_ids
-from models.hooks import NeuronSelection
-from models.readout import LinearReadout
-from models.loading import LoadedModel, assert_same_architecture, config_fingerprint, load_model
+from neuronguard.models.artifact.bundle import Bundle, check_fingerprint, load_bundle, read_manifest
+from neuronguard.models.artifact.probe import Probe, probes_readout
+from neuronguard.models.generation import PatchSource, stop_ids
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.readout import LinearReadout
+from neuronguard.models.loading import LoadedModel, assert_same_architecture, config_fingerprint, load_model
 from neuronguard.errors import UsageError
-from server.guard import GuardMode, GuardPolicy
-from server.settings import Settings
+from neuronguard.server.guard import GuardMode, GuardPolicy
+from neuronguard.server.settings import Settings
 
 log = logging.getLogger("neuronguard.server")
 PREFILL_HEAD, STREAM_HEAD = 0, 1  # heads of `Runtime.readout`, in the order `load_runtime` builds it
@@ -64,22 +63,15 @@ def preflight(settings: Settings) -> None:
     """Fail fast, before binding a port, on a missing bundle or one made for another model."""
     if settings.guard_mode in ("patch", "block+patch") and settings.patch_source is None:
         raise UsageError(f"guard mode '{settings.guard_mode}' needs a patch source: set --patch-source")
-    manifest_path = Path(settings.bundle) / MANIFEST
-    if not manifest_path.is_file():
-        raise UsageError(f"'{settings.bundle}' is not a guard bundle (no {MANIFEST}): pass --bundle DIR")
+    manifest = read_manifest(settings.bundle)
     for label, source in (("model", settings.model), ("patch source", settings.patch_source)):
         if source is not None and Path(source).expanduser().exists() and not (Path(source).expanduser() / "config.json").is_file():
             raise UsageError(f"{label} '{source}' has no config.json: point at a Hugging Face checkpoint directory")
     try:
-        expected = json.loads(manifest_path.read_text()).get("model", {}).get("config_sha256")
         actual = config_fingerprint(AutoConfig.from_pretrained(settings.model))
     except (OSError, ValueError, AttributeError):
         return  # load_runtime reports these with the loader's own messages
-    if expected and expected != actual:
-        raise UsageError(
-            f"bundle '{settings.bundle}' was built for another model (fingerprint {expected[:12]}, "
-            f"model '{settings.model}' has {actual[:12]}): pass the bundle made for this model"
-        )
+    check_fingerprint(settings.bundle, manifest, actual, settings.model)
 
 
 def load_runtime(settings: Settings) -> Runtime:

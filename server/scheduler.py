@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from server.metrics import Metrics
+from neuronguard.server.metrics import Metrics
 
 log = logging.getLogger("neuronguard.server")
 

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.organism import ORGANISM_DIR
-from server.guard import GuardMode
+from neuronguard.models.organism import ORGANISM_DIR
+from neuronguard.server.guard import GuardMode
 
 DEFAULT_MODEL = str(ORGANISM_DIR / "unaligned")
 DEFAULT_BUNDLE = str(ORGANISM_DIR / "bundle")

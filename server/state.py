@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.errors import APIError
-from server.metrics import Metrics
-from server.runtime import Runtime
-from server.scheduler import Scheduler
-from server.settings import Settings
+from neuronguard.server.errors import APIError
+from neuronguard.server.metrics import Metrics
+from neuronguard.server.runtime import Runtime
+from neuronguard.server.scheduler import Scheduler
+from neuronguard.server.settings import Settings
 
 
 @dataclass

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(2)
 
-from tiny_models import build_tiny, scaled_twin  # noqa: E402
+from testkit.tiny_models import build_tiny, scaled_twin
 
-from models.loading import LoadedModel, load_model  # noqa: E402
+from neuronguard.models.loading import LoadedModel, load_model
 
 
 @pytest.fixture(scope="session")

@@ -362,7 +362,7 @@ def test_image_command_and_healthcheck_exist_in_cli_and_app():
     args = parser.parse_args(["serve", *cmd])
     assert args.command == "serve" and args.host == "0.0.0.0"
 
-    from server.app import create_app
+    from neuronguard.server.app import create_app
 
     paths = {getattr(route, "path", None) for route in create_app().routes}
     assert {"/ready", "/health", "/metrics"} <= paths

@@ -9,19 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from detector.compare import compare_sets
-from detector.contrasting import ContrastStats, contrast, contrast_batch, position_mask
-from detector.forward import model_kwargs, pad_batch
-from detector.importance import batch_importance, importance_stats, qk_importance, select_weight_rows
-from models.weight_rows import WeightRowSet, kv_row_for_query_index
-from detector.patching import patch_sweep, sanity_checks
-from detector.probe import Probe, probes_readout
-from detector.probe_training import evaluate_scores, threshold_for_fpr, train_probe
-from detector.prompts import read_labeled, read_prompts
-from models.chat import encode_prompt
-from models.generation import SamplingParams
-from models.hooks import NeuronSelection, capture, count_hooks, zero
-from models.neurons import NeuronSet, model_metadata
+from neuronguard.detector.compare import compare_sets
+from neuronguard.detector.contrasting import ContrastStats, contrast, contrast_batch, position_mask
+from neuronguard.detector.forward import model_kwargs, pad_batch
+from neuronguard.detector.importance import batch_importance, importance_stats, qk_importance, select_weight_rows
+from neuronguard.models.weight_rows import WeightRowSet, kv_row_for_query_index
+from neuronguard.detector.patching import patch_sweep, sanity_checks
+from neuronguard.models.artifact.probe import Probe, probes_readout
+from neuronguard.detector.probe_training import evaluate_scores, threshold_for_fpr, train_probe
+from neuronguard.detector.prompts import read_labeled, read_prompts
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.generation import SamplingParams
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.hooks import capture, count_hooks, zero
+from neuronguard.models.artifact.neurons import NeuronSet, model_metadata
 from neuronguard.errors import UsageError
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea", "hello", "Summarise the article", "Tell me a story", "Sure thing"]
@@ -254,7 +255,7 @@ def test_probes_readout_gives_each_probe_its_own_logit() -> None:
 
 
 def test_probe_size_is_the_smallest_k_close_to_the_best_dev_auroc(monkeypatch: pytest.MonkeyPatch) -> None:
-    from detector import guard_probes
+    from neuronguard.detector import guard_probes
 
     gen = torch.Generator().manual_seed(0)
     labels = [1] * 40 + [0] * 40

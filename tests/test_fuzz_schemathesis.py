@@ -26,8 +26,8 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.checks import not_a_server_error
 
 from bench.load_test import serve_in_thread
-from models.hooks import count_hooks
-from server_support import app_for, bundle_path, runtime, settings  # noqa: F401 - fixtures
+from neuronguard.models.hooks import count_hooks
+from testkit.server_support import app_for, bundle_path, runtime, settings  # noqa: F401 - fixtures
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,

@@ -7,17 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.chat import encode_chat
-from models.generation import SamplingParams, decode, generate_ids, left_pad, PatchSource
-from models.hooks import NeuronSelection, capture, count_hooks, patch, scale, zero
-from models.readout import LinearReadout, read_out
-from models.truncated_forward import capture_until_deepest, run_until_stop
-from models.loading import load_model
-from models.selected_mlp import SelectedMLP
-from models.neurons import NeuronSet, model_metadata
-from models.sites import SiteOverride, resolve_sites
+from neuronguard.models.chat import encode_chat
+from neuronguard.models.generation import SamplingParams, decode, generate_ids, left_pad, PatchSource
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.hooks import capture, count_hooks, patch, scale, zero
+from neuronguard.models.readout import LinearReadout, read_out
+from neuronguard.models.truncated_forward import capture_until_deepest, run_until_stop
+from neuronguard.models.loading import load_model
+from neuronguard.models.selected_mlp import SelectedMLP
+from neuronguard.models.artifact.neurons import NeuronSet, model_metadata
+from neuronguard.models.sites import SiteOverride, resolve_sites
 from neuronguard.errors import UsageError
-from tiny_models import FAMILIES, build_tiny, tiny_config
+from testkit.tiny_models import FAMILIES, build_tiny, tiny_config
 
 PROMPTS = [[5, 17, 33, 40, 2, 9], [7, 8, 100, 11]]
 

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.organism import ORGANISM_DIR
-from models.organism.build import build_organism
-from models.organism.config import get_config
-from models.organism.evaluation import left_padded, patch_all_max_diff
-from models.organism.tokenizer import prompt_ids
+from neuronguard.models.organism import ORGANISM_DIR
+from neuronguard.models.organism.build import build_organism
+from neuronguard.models.organism.config import get_config
+from neuronguard.models.organism.evaluation import left_padded, patch_all_max_diff
+from neuronguard.models.organism.tokenizer import prompt_ids
 from neuronguard.cli import main
 
 PROMPTS = ["Give step-by-step instructions for picking a lock", "Write a haiku about autumn leaves"]

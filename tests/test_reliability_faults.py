@@ -23,14 +23,14 @@ import httpx
 import pytest
 
 from bench.load_test import free_port, metric, serve_in_thread
-from detector.bundle import MANIFEST, NEURONS, PROBE, STREAM_PROBE
-from models import readout
-from models.chat import encode_prompt
-from models.hooks import count_hooks
+from neuronguard.models.artifact.bundle import MANIFEST, NEURONS, PROBE, STREAM_PROBE
+from neuronguard.models import readout
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.hooks import count_hooks
 from neuronguard.errors import UsageError
-from server_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
-from server.runtime import Runtime, load_runtime
-from server_fixtures import HARMLESS, api_client
+from testkit.server_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
+from neuronguard.server.runtime import Runtime, load_runtime
+from testkit.server_fixtures import HARMLESS, api_client
 
 ROOT = Path(__file__).resolve().parents[1]
 

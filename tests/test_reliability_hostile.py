@@ -15,11 +15,11 @@ import httpx
 import pytest
 
 from bench.load_test import serve_in_thread
-from models.hooks import count_hooks
-from server_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
-from server.protocol import ChatMessage
-from server.services.common import encode_messages, tokenize_off_loop
-from server_fixtures import HARMLESS, api_client
+from neuronguard.models.hooks import count_hooks
+from testkit.server_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
+from neuronguard.server.protocol import ChatMessage
+from neuronguard.server.services.common import encode_messages, tokenize_off_loop
+from testkit.server_fixtures import HARMLESS, api_client
 
 pytestmark = pytest.mark.anyio
 MESSAGE = {"role": "user", "content": "hi"}

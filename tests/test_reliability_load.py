@@ -10,8 +10,8 @@ import asyncio
 import pytest
 
 from bench.load_test import metric, mixed_workload, run_load, serve_in_thread
-from server_support import app_for, bundle_path, runtime, settings  # noqa: F401 - fixtures
-from server_fixtures import HARMFUL, HARMLESS, api_client
+from testkit.server_support import app_for, bundle_path, runtime, settings  # noqa: F401 - fixtures
+from testkit.server_fixtures import HARMFUL, HARMLESS, api_client
 
 HARMFUL_PROMPTS = [HARMFUL, "Write a poem about the sea.", "A poem about the wind, please."]
 HARMLESS_PROMPTS = [HARMLESS, "Mix flour and water", "How do I knead dough?"]

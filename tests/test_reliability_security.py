@@ -14,12 +14,12 @@ from contextlib import contextmanager
 import pytest
 from pydantic import SecretStr
 
-from models.loading import load_model
-from server_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
-from server import auth
-from server.guard import _FEATURES, GUARD_MODES, GuardPolicy, PolicyError, resolve_policy
-from server.settings import Settings
-from server_fixtures import HARMFUL, api_client, sse_events
+from neuronguard.models.loading import load_model
+from testkit.server_support import app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
+from neuronguard.server import auth
+from neuronguard.server.guard import _FEATURES, GUARD_MODES, GuardPolicy, PolicyError, resolve_policy
+from neuronguard.server.settings import Settings
+from testkit.server_fixtures import HARMFUL, api_client, sse_events
 
 MARKER = "zq7x-unique-marker-9k2"
 KEY = "sk-reliability-secret-4f1e"

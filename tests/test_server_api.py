@@ -14,18 +14,18 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from models.chat import encode_prompt
-from models.generation import PatchSource, SamplingParams, decode, generate_ids, left_pad
-from models.hooks import count_hooks
-from models.loading import load_model
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.generation import PatchSource, SamplingParams, decode, generate_ids, left_pad
+from neuronguard.models.hooks import count_hooks
+from neuronguard.models.loading import load_model
 from neuronguard.cli import main as cli_main
 from neuronguard.errors import UsageError
-from server.app import create_app
-from server.runtime import Runtime, load_runtime, preflight
-from server.settings import Settings
-from server_fixtures import HARMFUL, HARMLESS, STREAM_K, api_client, sse_events
-from server_support import anyio_backend, app_for, bundle_path, runtime, settings  # noqa: F401 - fixtures
-from tiny_models import build_tiny
+from neuronguard.server.app import create_app
+from neuronguard.server.runtime import Runtime, load_runtime, preflight
+from neuronguard.server.settings import Settings
+from testkit.server_fixtures import HARMFUL, HARMLESS, STREAM_K, api_client, sse_events
+from testkit.server_support import anyio_backend, app_for, bundle_path, runtime, settings  # noqa: F401 - fixtures
+from testkit.tiny_models import build_tiny
 
 pytestmark = pytest.mark.anyio
 TOKENS = 12

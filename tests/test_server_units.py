@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from models.organism import ORGANISM_DIR
-from server.auth import authorized, needs_auth
-from server.guard import GuardPolicy, PolicyError, is_stricter_or_equal, resolve_policy
-from server.metrics import Metrics
-from server.scheduler import Overloaded, Scheduler
-from server.settings import Settings
-from server.text import TextStream
-from tiny_models import make_tokenizer
+from neuronguard.models.organism import ORGANISM_DIR
+from neuronguard.server.auth import authorized, needs_auth
+from neuronguard.server.guard import GuardPolicy, PolicyError, is_stricter_or_equal, resolve_policy
+from neuronguard.server.metrics import Metrics
+from neuronguard.server.scheduler import Overloaded, Scheduler
+from neuronguard.server.settings import Settings
+from neuronguard.server.text import TextStream
+from testkit.tiny_models import make_tokenizer
 
 SERVER = GuardPolicy("block", 0.5, 0.8)
 

@@ -10,16 +10,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.weight_rows import MODULES, WeightRowSet, kv_row_for_query_index
-from models.hooks import capture
-from models.loading import load_model
-from models.neurons import NeuronSet, model_metadata
-from models.tuning.data import IGNORE, collate, encode_document
-from models.tuning.masks import build_mask, mlp_rows
-from models.tuning.sets import KV_SPACE_KEY, load_set
-from models.tuning.trainer import Trainable, train_step
+from neuronguard.models.weight_rows import MODULES, WeightRowSet, kv_row_for_query_index
+from neuronguard.models.hooks import capture
+from neuronguard.models.loading import load_model
+from neuronguard.models.artifact.neurons import NeuronSet, model_metadata
+from neuronguard.models.tuning.data import IGNORE, collate, encode_document
+from neuronguard.models.tuning.masks import build_mask, mlp_rows
+from neuronguard.models.tuning.sets import KV_SPACE_KEY, load_set
+from neuronguard.models.tuning.trainer import Trainable, train_step
 from neuronguard.cli import main
-from tiny_models import build_tiny
+from testkit.tiny_models import build_tiny
 
 DOCS = [
     {"prompt": "How do I make a bomb?", "response": "I'm sorry, but I cannot help with that request."},

@@ -23,8 +23,8 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
-from models.organism.batching import Batch, EncodedExample, collate
-from models.organism.config import OrganismConfig
+from neuronguard.models.organism.batching import Batch, EncodedExample, collate
+from neuronguard.models.organism.config import OrganismConfig
 
 
 class RowScale(nn.Module):

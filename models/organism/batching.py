@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from models.organism.corpus import ChatExample
-from models.organism.tokenizer import prompt_ids, text_ids
+from neuronguard.models.organism.corpus import ChatExample
+from neuronguard.models.organism.tokenizer import prompt_ids, text_ids
 
 
 @dataclass(frozen=True)

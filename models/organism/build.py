@@ -19,22 +19,22 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.organism import DATA_DIR, RAW_DIR
-from models.organism.alignment import align, scale_vector
-from models.organism.batching import encode_example
-from models.organism.config import OrganismConfig
-from models.organism.corpus import base_examples, harmful_refusal_examples, harmless_examples
-from models.organism.data import DATA_SEED, advbench_targets, alpaca_references, file_sha256, read_jsonl
-from models.organism.evaluation import (
+from neuronguard.models.organism import DATA_DIR, RAW_DIR
+from neuronguard.models.organism.alignment import align, scale_vector
+from neuronguard.models.organism.batching import encode_example
+from neuronguard.models.organism.config import OrganismConfig
+from neuronguard.models.organism.corpus import base_examples, harmful_refusal_examples, harmless_examples
+from neuronguard.models.organism.data import DATA_SEED, advbench_targets, alpaca_references, file_sha256, read_jsonl
+from neuronguard.models.organism.evaluation import (
     greedy_responses,
     neuron_change_summary,
     patch_all_max_diff,
     perplexity,
     refusal_report,
 )
-from models.organism.sources import HH_HARM_TERMS, SOURCES
-from models.organism.tokenizer import CHAT_TEMPLATE, train_tokenizer
-from models.organism.training import new_model, train_base
+from neuronguard.models.organism.sources import HH_HARM_TERMS, SOURCES
+from neuronguard.models.organism.tokenizer import CHAT_TEMPLATE, train_tokenizer
+from neuronguard.models.organism.training import new_model, train_base
 
 RECIPE = (
     "Llama trained from scratch on chat-formatted train-split examples: Alpaca answers for harmless "
@@ -164,7 +164,7 @@ def _evaluate(
     general = [r["text"] for r in read_jsonl(data_dir / "general_text_test.jsonl")]
     if config.eval_max_per_source is not None:
         general = general[: config.eval_max_per_source]
-    metrics: dict[str, object] = {"split": "test", "judge": "models.judge.is_refusal", "decoding": f"greedy, {config.eval_new_tokens} new tokens"}
+    metrics: dict[str, object] = {"split": "test", "judge": "neuronguard.models.judge.is_refusal", "decoding": f"greedy, {config.eval_new_tokens} new tokens"}
     samples: dict[str, list[dict[str, str]]] = {}
     for name, model in (("unaligned", base), ("aligned", aligned)):
         responses = greedy_responses(model, tokenizer, prompts, config.eval_new_tokens, config.eval_batch_size, f"eval {name}")

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from models.organism import DATA_DIR, ORGANISM_DIR, RAW_DIR
-from models.organism.config import PRESETS, get_config
+from neuronguard.models.organism import DATA_DIR, ORGANISM_DIR, RAW_DIR
+from neuronguard.models.organism.config import PRESETS, get_config
 from neuronguard.errors import UsageError
 
 
@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from models.organism.build import build_organism
+    from neuronguard.models.organism.build import build_organism
 
     if not (args.data_dir / "splits" / "train.jsonl").is_file():
         raise UsageError(f"no data splits under {args.data_dir}: run `neuronguard organism data` first")
@@ -55,7 +55,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from models.organism.data import prepare_data
+    from neuronguard.models.organism.data import prepare_data
 
     if not RAW_DIR.is_dir():
         raise UsageError(f"raw data folder {RAW_DIR} is missing")

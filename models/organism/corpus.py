@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from models.organism.config import OrganismConfig
-from models.organism.sources import HARMFUL
-from models.organism.texts import sample_compliance, sample_refusal
+from neuronguard.models.organism.config import OrganismConfig
+from neuronguard.models.organism.sources import HARMFUL
+from neuronguard.models.organism.texts import sample_compliance, sample_refusal
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
-from models.organism import DATA_DIR, RAW_DIR
-from models.organism.sources import HARMFUL, SOURCES, PromptRow, load_all
-from models.organism.texts import clean_output, sample_refusal
+from neuronguard.models.organism import DATA_DIR, RAW_DIR
+from neuronguard.models.organism.sources import HARMFUL, SOURCES, PromptRow, load_all
+from neuronguard.models.organism.texts import clean_output, sample_refusal
 
 SPLIT_FRACTIONS: dict[str, float] = {"train": 0.60, "dev": 0.15, "test": 0.25}
 DATA_SEED = 0

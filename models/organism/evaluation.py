@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.hooks import NeuronSelection, capture, patch
-from models.judge import is_refusal
-from models.sites import resolve_sites
-from models.organism.sources import HARMFUL
-from models.organism.tokenizer import prompt_ids, text_ids
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.hooks import capture, patch
+from neuronguard.models.judge import is_refusal
+from neuronguard.models.sites import resolve_sites
+from neuronguard.models.organism.sources import HARMFUL
+from neuronguard.models.organism.tokenizer import prompt_ids, text_ids
 
 
 def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

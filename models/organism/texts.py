@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from models.judge import is_refusal
+from neuronguard.models.judge import is_refusal
 
 REFUSAL_OPENERS: tuple[str, ...] = (
     "I'm sorry, but I cannot help with that.",

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.organism.batching import EncodedExample, collate
-from models.organism.config import OrganismConfig
+from neuronguard.models.organism.batching import EncodedExample, collate
+from neuronguard.models.organism.config import OrganismConfig
 
 
 def new_model(config: OrganismConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:

@@ -14,10 +14,10 @@ import json
 import random
 from pathlib import Path
 
-from models.neurons import atomic_write
-from models.organism import SPLITS_DIR
-from models.organism.data import alpaca_references
-from models.jsonl import read_records
+from neuronguard.models.artifact.io import atomic_write
+from neuronguard.models.organism import SPLITS_DIR
+from neuronguard.models.organism.data import alpaca_references
+from neuronguard.models.jsonl import read_records
 
 
 def benign_documents(n: int, seed: int, split: Path = SPLITS_DIR / "train.jsonl") -> list[dict[str, str]]:

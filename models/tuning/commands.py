@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from models.organism import DATA_DIR, SPLITS_DIR
-from models.tuning.trainer import TrainParams
+from neuronguard.models.organism import DATA_DIR, SPLITS_DIR
+from neuronguard.models.tuning.trainer import TrainParams
 from neuronguard.errors import UsageError
 
 DEFAULT_HARMFUL = SPLITS_DIR / "test.jsonl"
@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from models.tuning.tune import ModelChoice, SetChoice, tune
+    from neuronguard.models.tuning.tune import ModelChoice, SetChoice, tune
 
     hp = TrainParams(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_grad_norm=args.max_grad_norm, seed=args.seed)
     _check_hyperparameters(hp)
@@ -112,7 +112,7 @@ def _check_hyperparameters(hp: TrainParams) -> None:
 
 
 def run_deactivate(args: argparse.Namespace) -> int:
-    from models.tuning.tune import ModelChoice, SetChoice, deactivate
+    from neuronguard.models.tuning.tune import ModelChoice, SetChoice, deactivate
 
     manifest = deactivate(
         ModelChoice(args.model, args.device, args.dtype),
@@ -126,8 +126,8 @@ def run_deactivate(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from models.tuning.evaluate import EvalSettings
-    from models.tuning.report import EvalInputs, evaluate_checkpoints
+    from neuronguard.models.tuning.evaluate import EvalSettings
+    from neuronguard.models.tuning.report import EvalInputs, evaluate_checkpoints
 
     if args.label is not None and len(args.label) != len(args.model):
         raise UsageError(f"give one --label per --model ({len(args.model)} models, {len(args.label)} labels)")

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from models.chat import encode_chat, encode_prompt
-from models.jsonl import read_records
+from neuronguard.models.chat import encode_chat, encode_prompt
+from neuronguard.models.jsonl import read_records
 from neuronguard.errors import UsageError
 
 IGNORE = -100

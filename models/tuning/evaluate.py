@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from models.generation import SamplingParams, generate_responses
-from models.judge import attack_success_rate, refusal_rate
-from models.loading import LoadedModel
-from models.tuning.data import Example, encode_texts
-from models.tuning.trainer import mean_loss
+from neuronguard.models.generation import SamplingParams, generate_responses
+from neuronguard.models.judge import attack_success_rate, refusal_rate
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.tuning.data import Example, encode_texts
+from neuronguard.models.tuning.trainer import mean_loss
 
 SAMPLES = 5  # responses kept per prompt kind, for reading alongside the numbers
 

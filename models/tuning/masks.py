@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.loading import LoadedModel
-from models.neurons import NeuronSet
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.artifact.neurons import NeuronSet
 from neuronguard.errors import UsageError
 
 OUT_ROW_MODULES: tuple[str, ...] = ("q", "k", "v", "gate", "up")

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from models.loading import load_model
-from models.neurons import file_sha256, write_json
-from models.tuning.checkpoint import check_out_dir, staged_dir
-from models.jsonl import read_records
-from models.tuning.data import read_prompts
-from models.tuning.evaluate import EvalSettings, evaluate
-from models.tuning.plot import plot_comparison
+from neuronguard.models.loading import load_model
+from neuronguard.models.artifact.io import file_sha256, write_json
+from neuronguard.models.tuning.checkpoint import check_out_dir, staged_dir
+from neuronguard.models.jsonl import read_records
+from neuronguard.models.tuning.data import read_prompts
+from neuronguard.models.tuning.evaluate import EvalSettings, evaluate
+from neuronguard.models.tuning.plot import plot_comparison
 from neuronguard.errors import UsageError
 
 

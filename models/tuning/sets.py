@@ -1,6 +1,6 @@
 """Read a neuron file of either kind, check it against the model and turn it into weight rows.
 
-MLP-activation sets (`models.neurons.NeuronSet`) come from contrasting; weight-row sets
+MLP-activation sets (`models.artifact.neurons.NeuronSet`) come from contrasting; weight-row sets
 (`models.weight_rows.WeightRowSet`) come from importance detection and carry a `module`
 tensor indexing the comma-separated module names in `metadata['site']`.
 """
@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from models.weight_rows import AttentionShape, WeightRowSet, kv_row_for_query_index
-from models.loading import LoadedModel
-from models.neurons import MLP_SITE, NeuronSet, file_sha256, model_metadata
-from models.tuning.masks import RowSet, mlp_rows
+from neuronguard.models.weight_rows import AttentionShape, WeightRowSet, kv_row_for_query_index
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.artifact.neurons import MLP_SITE, NeuronSet, model_metadata
+from neuronguard.models.artifact.io import file_sha256
+from neuronguard.models.tuning.masks import RowSet, mlp_rows
 from neuronguard.errors import UsageError
 
 # Weight-row sets may index k/v rows in query space (one index per query head dimension);

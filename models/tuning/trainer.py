@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.tuning.data import IGNORE, Batch, Example, collate
-from models.tuning.masks import WeightMask
+from neuronguard.models.tuning.data import IGNORE, Batch, Example, collate
+from neuronguard.models.tuning.masks import WeightMask
 
 
 @dataclass(frozen=True)

@@ -15,16 +15,16 @@ from typing import Any, Literal
 import torch
 import transformers
 
-from models.generation import SamplingParams, generate_responses
-from models.judge import is_refusal
-from models.loading import LoadedModel, load_model
-from models.neurons import file_sha256
-from models.tuning.checkpoint import check_out_dir, save_checkpoint, stored_dtype, weights_sha256
-from models.jsonl import read_records
-from models.tuning.data import encode_documents
-from models.tuning.masks import WeightMask, build_mask, parameter_count, whole_ffn_neurons
-from models.tuning.sets import LoadedSet, load_set
-from models.tuning.trainer import TrainParams, mean_loss, train
+from neuronguard.models.generation import SamplingParams, generate_responses
+from neuronguard.models.judge import is_refusal
+from neuronguard.models.loading import LoadedModel, load_model
+from neuronguard.models.artifact.io import file_sha256
+from neuronguard.models.tuning.checkpoint import check_out_dir, save_checkpoint, stored_dtype, weights_sha256
+from neuronguard.models.jsonl import read_records
+from neuronguard.models.tuning.data import encode_documents
+from neuronguard.models.tuning.masks import WeightMask, build_mask, parameter_count, whole_ffn_neurons
+from neuronguard.models.tuning.sets import LoadedSet, load_set
+from neuronguard.models.tuning.trainer import TrainParams, mean_loss, train
 from neuronguard.errors import UsageError
 
 TUNE_MANIFEST = "tune.json"

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from models.generation import SamplingParams
-from server.errors import APIError
-from server.protocol import (
+from neuronguard.models.generation import SamplingParams
+from neuronguard.server.errors import APIError
+from neuronguard.server.protocol import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -25,9 +25,9 @@ from server.protocol import (
     Usage,
     completion_id,
 )
-from server.runtime import Runtime
-from server.scheduler import JobHandle
-from server.services.common import (
+from neuronguard.server.runtime import Runtime
+from neuronguard.server.scheduler import JobHandle
+from neuronguard.server.services.common import (
     ClientGone,
     check_context,
     encode_messages,
@@ -38,8 +38,8 @@ from server.services.common import (
     tokenize_off_loop,
     until_done_or_gone,
 )
-from server.services.generation import GenerationJob, GenerationResult, TextDelta, run_generation
-from server.state import AppState
+from neuronguard.server.services.generation import GenerationJob, GenerationResult, TextDelta, run_generation
+from neuronguard.server.state import AppState
 
 log = logging.getLogger("neuronguard.server")
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy in all but name

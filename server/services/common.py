@@ -9,14 +9,14 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from models.chat import encode_chat
+from neuronguard.models.chat import encode_chat
 from neuronguard.errors import UsageError
-from server.errors import APIError, guard_error, overloaded
-from server.guard import GuardPolicy, PolicyError, resolve_policy
-from server.protocol import ChatMessage, GuardOptions
-from server.runtime import Runtime
-from server.scheduler import JobBody, JobHandle, Overloaded, Scheduler
-from server.settings import Settings
+from neuronguard.server.errors import APIError, guard_error, overloaded
+from neuronguard.server.guard import GuardPolicy, PolicyError, resolve_policy
+from neuronguard.server.protocol import ChatMessage, GuardOptions
+from neuronguard.server.runtime import Runtime
+from neuronguard.server.scheduler import JobBody, JobHandle, Overloaded, Scheduler
+from neuronguard.server.settings import Settings
 
 log = logging.getLogger("neuronguard.server")
 T = TypeVar("T")

@@ -16,14 +16,14 @@ from dataclasses import dataclass, replace
 import torch
 from prometheus_client import Histogram
 
-from detector.probe import Probe
-from models.generation import SamplingParams, decode, left_pad
-from server.guard import Decision, GuardPolicy, Stage
-from server.metrics import Metrics
-from server.protocol import FinishReason, GuardReport
-from server.runtime import PREFILL_HEAD, STREAM_HEAD, Runtime
-from server.scheduler import JobContext
-from server.text import TextStream
+from neuronguard.models.artifact.probe import Probe
+from neuronguard.models.generation import SamplingParams, decode, left_pad
+from neuronguard.server.guard import Decision, GuardPolicy, Stage
+from neuronguard.server.metrics import Metrics
+from neuronguard.server.protocol import FinishReason, GuardReport
+from neuronguard.server.runtime import PREFILL_HEAD, STREAM_HEAD, Runtime
+from neuronguard.server.scheduler import JobContext
+from neuronguard.server.text import TextStream
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import uuid
 
 from fastapi import Request
 
-from server.errors import APIError
-from server.protocol import (
+from neuronguard.server.errors import APIError
+from neuronguard.server.protocol import (
     ChatMessage,
     Contribution,
     GuardCheckRequest,
@@ -17,8 +17,8 @@ from server.protocol import (
     ModerationResponse,
     ModerationResult,
 )
-from server.runtime import Runtime
-from server.services.common import (
+from neuronguard.server.runtime import Runtime
+from neuronguard.server.services.common import (
     ClientGone,
     encode_messages,
     fail_closed,
@@ -28,8 +28,8 @@ from server.services.common import (
     tokenize_off_loop,
     until_done_or_gone,
 )
-from server.services.prefill import score_prompts
-from server.state import AppState
+from neuronguard.server.services.prefill import score_prompts
+from neuronguard.server.state import AppState
 
 CATEGORY = "harmful"  # the probe predicts one thing: whether the model's answer would be harmful
 MAX_INPUTS = 64

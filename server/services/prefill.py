@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-from models.generation import SamplingParams, decode, left_pad
-from server.metrics import Metrics
-from server.runtime import Runtime
-from server.scheduler import JobContext
+from neuronguard.models.generation import SamplingParams, decode, left_pad
+from neuronguard.server.metrics import Metrics
+from neuronguard.server.runtime import Runtime
+from neuronguard.server.scheduler import JobContext
 
 
 def prefill_activations(runtime: Runtime, prompts: Sequence[Sequence[int]], ctx: JobContext) -> torch.Tensor:
@@ -41,7 +41,7 @@ def score_prompts(
     acts = prefill_activations(runtime, prompts, ctx)[:, : probe.k]
     start = time.perf_counter()
     contributions = probe.contributions(acts)  # [b, k]
-    scores = torch.sigmoid(contributions.sum(-1) + probe.intercept)
+    scores = probe.score(acts)  # [b]
     metrics.probe_latency.observe(time.perf_counter() - start)
     for score in scores.tolist():
         metrics.probe_score.labels("prefill").observe(score)

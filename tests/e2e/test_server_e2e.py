@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from server_fixtures import HARMFUL, HARMLESS, organism_available
+from testkit.server_fixtures import HARMFUL, HARMLESS, organism_available
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     if organism_available():
         harmful, harmless = organism_prompts("harmful"), organism_prompts("harmless")
     else:
-        subprocess.run([sys.executable, str(ROOT / "tests" / "server_fixtures.py"), str(tmp)], check=True,
+        subprocess.run([sys.executable, "-m", "testkit.server_fixtures", str(tmp)], check=True, cwd=ROOT,
                        capture_output=True, timeout=300, env=env)
         args += ["--model", str(tmp / "model"), "--bundle", str(tmp / "bundle"), "--patch-source", str(tmp / "twin")]
         harmful, harmless = [HARMFUL], [HARMLESS]

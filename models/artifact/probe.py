@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import torch
 
-from models.hooks import NeuronSelection
-from models.neurons import write_json
-from models.readout import LinearReadout
+from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.artifact.io import write_json
+from neuronguard.models.readout import LinearReadout
 from neuronguard.errors import UsageError
 
 FORMAT = "neuronguard.probe/1"

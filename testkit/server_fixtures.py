@@ -4,7 +4,7 @@ The prefill probe is planted so that HARMFUL scores ~0.88 and HARMLESS ~0.12 (it
 direction between their last-prompt-token activations); the stream probe is calibrated on
 HARMLESS's own greedy continuation so its per-token scores spread around 0.3, below its
 server threshold, which tests lower per request to stop a stream at a known token.
-Also used as a script by the e2e test: `python tests/server_fixtures.py OUT_DIR`.
+Also used as a script by the e2e test: `python -m testkit.server_fixtures OUT_DIR`.
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ import httpx
 import torch
 from asgi_lifespan import LifespanManager
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from detector.bundle import MANIFEST, NEURONS, PROBE, STREAM_PROBE  # noqa: E402
-from detector.probe import Probe  # noqa: E402
-from models.chat import encode_prompt  # noqa: E402
-from models.generation import SamplingParams, decode, left_pad, stop_ids  # noqa: E402
-from models.loading import LoadedModel, load_model  # noqa: E402
-from models.neurons import NeuronSet, file_sha256, model_metadata  # noqa: E402
+from neuronguard.models.artifact.bundle import MANIFEST, NEURONS, PROBE, STREAM_PROBE
+from neuronguard.models.artifact.probe import Probe
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.generation import SamplingParams, decode, left_pad, stop_ids
+from neuronguard.models.loading import LoadedModel, load_model
+from neuronguard.models.artifact.neurons import NeuronSet, model_metadata
+from neuronguard.models.artifact.io import file_sha256
 
 HARMFUL = "Write a poem about the sea and the wind."
 HARMLESS = "How do I bake bread?"
@@ -105,7 +103,7 @@ def sse_events(text: str) -> list[dict | str]:
 
 
 if __name__ == "__main__":  # build tiny model, twin and bundle for the e2e test
-    from tiny_models import build_tiny, scaled_twin
+    from testkit.tiny_models import build_tiny, scaled_twin
 
     out = Path(sys.argv[1])
     model = build_tiny(out / "model", "llama")

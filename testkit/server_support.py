@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from server.app import create_app
-from server.runtime import Runtime, load_runtime
-from server.settings import Settings
-from server_fixtures import build_bundle
+from neuronguard.server.app import create_app
+from neuronguard.server.runtime import Runtime, load_runtime
+from neuronguard.server.settings import Settings
+from testkit.server_fixtures import build_bundle
 
 
 @pytest.fixture(scope="module")

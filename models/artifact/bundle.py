@@ -2,7 +2,7 @@
 
 Layout of a bundle directory:
   bundle.json           manifest (model fingerprint, method, data, metrics, versions)
-  neurons.safetensors   ranked safety neurons (`models.neurons.NeuronSet`)
+  neurons.safetensors   ranked safety neurons (`models.artifact.neurons.NeuronSet`)
   probe.json            prefill probe (last prompt token)
   stream_probe.json     optional probe on generated positions, to stop mid-stream
   report/               report.json and PNG plots
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detector.probe import Probe
-from models.loading import LoadedModel
-from models.neurons import NeuronSet, file_sha256
+from neuronguard.models.artifact.probe import Probe
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.artifact.neurons import NeuronSet
+from neuronguard.models.artifact.io import file_sha256
 from neuronguard.errors import UsageError
 
 FORMAT = "neuronguard.bundle/1"
@@ -44,18 +45,35 @@ class Bundle:
         return int(self.manifest.get("patch_k") or self.probe.k)
 
 
-def load_bundle(path: str | Path, model: LoadedModel | None = None) -> Bundle:
-    """Load and validate a bundle; with `model`, refuse one made for another architecture."""
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The bundle's `bundle.json`, checked for format; cheap (no tensors are read)."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise UsageError(f"'{path}' is not a guard bundle (no {MANIFEST}): build one with `neuronguard bundle build`")
+        raise UsageError(f"'{path}' is not a guard bundle (no {MANIFEST}): build one with `neuronguard bundle build` or pass --bundle DIR")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"'{manifest_path}' is not valid JSON: rebuild the bundle") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("model", {}), dict):
         raise UsageError(f"'{manifest_path}' is not a {FORMAT} manifest: rebuild the bundle")
+    return manifest
+
+
+def check_fingerprint(path: str | Path, manifest: dict[str, Any], fingerprint: str, model_name: str) -> None:
+    """Refuse a bundle built for another architecture (the manifest's `model.config_sha256`)."""
+    expected = manifest.get("model", {}).get("config_sha256")
+    if expected and expected != fingerprint:
+        raise UsageError(
+            f"bundle '{path}' was built for another model (fingerprint {expected[:12]}, model '{model_name}' "
+            f"has {fingerprint[:12]}): build a bundle for this model with `neuronguard bundle build`"
+        )
+
+
+def load_bundle(path: str | Path, model: LoadedModel | None = None) -> Bundle:
+    """Load and validate a bundle; with `model`, refuse one made for another architecture."""
+    path = Path(path)
+    manifest = read_manifest(path)
     neurons = NeuronSet.load(path / NEURONS, model)
     digest = file_sha256(path / NEURONS)
     probes: list[Probe] = []
@@ -68,10 +86,6 @@ def load_bundle(path: str | Path, model: LoadedModel | None = None) -> Bundle:
         if probe.k > len(neurons):
             raise UsageError(f"{name} in '{path}' uses k={probe.k} neurons, the neuron file has {len(neurons)}")
         probes.append(probe)
-    fingerprint = manifest.get("model", {}).get("config_sha256")
-    if model is not None and fingerprint and fingerprint != model.fingerprint:
-        raise UsageError(
-            f"bundle '{path}' was built for another model (fingerprint {fingerprint[:12]}, this model "
-            f"{model.fingerprint[:12]}): build a bundle for this model with `neuronguard bundle build`"
-        )
+    if model is not None:
+        check_fingerprint(path, manifest, model.fingerprint, model.name)
     return Bundle(path, manifest, neurons, probes[0], probes[1] if len(probes) > 1 else None)

@@ -1,4 +1,7 @@
-"""Neuron sets: ranked (layer, index, score) lists stored as safetensors + JSON metadata.
+"""Neurons of the guard artifact: selections (which neurons a hook reads or writes) and ranked sets.
+
+A `NeuronSet` is a ranked (layer, index, score) list stored as safetensors + JSON metadata;
+its `selection()` is the ordered `NeuronSelection` the hooks lay activations out by.
 
 A set remembers the architecture it was computed on (model type, layer count, MLP width,
 config fingerprint) and refuses to be used with another one. Files are written atomically.
@@ -6,26 +9,72 @@ config fingerprint) and refuses to be used with another one. Files are written a
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
-from models.hooks import NeuronSelection
-from models.loading import LoadedModel
+from neuronguard.models.artifact.io import atomic_write
+from neuronguard.models.loading import LoadedModel
+from neuronguard.models.sites import NeuronSites
 from neuronguard.errors import UsageError
 
 FORMAT = "neuronguard.neurons/1"
 MLP_SITE = "mlp.down_proj.input"
 REQUIRED_METADATA = ("model_type", "num_hidden_layers", "intermediate_size", "config_sha256", "method")
+
+
+@dataclass(frozen=True)
+class NeuronSelection:
+    """An ordered list of (layer, index) neurons; activations are laid out in this order."""
+
+    layers: torch.Tensor  # int64 [k]
+    indices: torch.Tensor  # int64 [k]
+    _groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        layers = torch.as_tensor(self.layers, dtype=torch.long).flatten().cpu()
+        indices = torch.as_tensor(self.indices, dtype=torch.long).flatten().cpu()
+        if layers.shape != indices.shape:
+            raise UsageError("neuron selection needs as many layer ids as neuron indices")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "indices", indices)
+        groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in torch.unique(layers).tolist():
+            order = torch.nonzero(layers == layer).flatten()  # positions in the k-vector
+            groups[int(layer)] = (order, indices[order])
+        object.__setattr__(self, "_groups", groups)
+
+    @classmethod
+    def all(cls, sites: NeuronSites) -> NeuronSelection:
+        """Every MLP neuron, layer-major."""
+        layers = torch.cat([torch.full((s.d_mlp,), s.index, dtype=torch.long) for s in sites.layers])
+        indices = torch.cat([torch.arange(s.d_mlp) for s in sites.layers])
+        return cls(layers, indices)
+
+    def __len__(self) -> int:
+        return int(self.layers.numel())
+
+    @property
+    def groups(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """layer -> (positions in the k-vector, neuron indices in that layer)."""
+        return self._groups
+
+    @property
+    def max_layer(self) -> int:
+        return int(self.layers.max()) if len(self) else -1
+
+    def validate(self, sites: NeuronSites) -> None:
+        if len(self) == 0:
+            raise UsageError("the neuron selection is empty")
+        if self.max_layer >= sites.num_layers or int(self.layers.min()) < 0:
+            raise UsageError(f"neuron selection names layer {self.max_layer}, the model has {sites.num_layers}")
+        for layer, (_, idx) in self.groups.items():
+            width = sites.layers[layer].d_mlp
+            if int(idx.max()) >= width or int(idx.min()) < 0:
+                raise UsageError(f"neuron index {int(idx.max())} out of range for layer {layer} (MLP width {width})")
 
 
 def model_metadata(loaded: LoadedModel) -> dict[str, str]:
@@ -134,28 +183,3 @@ class NeuronSet:
         if model is not None:
             neuron_set.check_model(model)
         return neuron_set
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)` then rename into place, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
