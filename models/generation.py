@@ -13,7 +13,7 @@ forward call: the last prompt token at prefill, then each generated token.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -30,13 +30,33 @@ from neuronguard.models.truncated_forward import capture_until_deepest, run_unti
 from neuronguard.errors import UsageError
 
 
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """How each row picks its next token; penalties and bias follow OpenAI's definitions.
+
+    Before temperature and top-p, token j's logit becomes
+    `logit[j] + logit_bias[j] - count[j] * frequency_penalty - (count[j] > 0) * presence_penalty`,
+    where `count` counts the tokens this row has generated (not its prompt). `logprobs=n`
+    reports the chosen token's log-probability and the top n alternatives (0..20) from
+    those processed logits, before temperature.
+    """
+
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: frozenset[int] = frozenset()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None
+    logprobs: int | None = None  # None: no log-probabilities
+
+    def __post_init__(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise UsageError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
 
 
 @dataclass
@@ -69,11 +89,13 @@ class Step:
 
     index: int
     tokens: torch.Tensor  # [b] int64
-    logits: torch.Tensor  # [b, vocab] float32, before sampling transforms
+    logits: torch.Tensor  # [b, vocab] float32, the model's own, before penalties, bias and sampling
     finished: torch.Tensor  # [b] bool, row is done after this token
     probe_activations: torch.Tensor | None = None  # [b, k] at the last input position
     readout_logits: torch.Tensor | None = None  # [b, heads] at the last input position
     patched_positions: int = 0
+    logprobs: torch.Tensor | None = None  # [b] log-probability of the chosen token
+    top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # [b, n] values and token ids, descending
 
 
 @dataclass
@@ -107,6 +129,40 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None =
 
 def _accepts_position_ids(module: torch.nn.Module) -> bool:
     return "position_ids" in inspect.signature(module.forward).parameters
+
+
+class _LogitProcessor:
+    """Applies a request's logit bias and its presence and frequency penalties, row by row.
+
+    Counts live on the logits' device as one [b, vocab] tensor, so a step costs a few
+    vectorised ops whatever the vocabulary size; with default parameters it does nothing.
+    """
+
+    def __init__(self, params: SamplingParams, rows: int, vocab: int, device: torch.device) -> None:
+        self.bias: torch.Tensor | None = None
+        if params.logit_bias:
+            ids = torch.tensor([int(i) for i in params.logit_bias], dtype=torch.long)
+            bad = ids[(ids < 0) | (ids >= vocab)]
+            if bad.numel():
+                raise UsageError(f"logit_bias token id {int(bad[0])} is outside the vocabulary (0..{vocab - 1})")
+            self.bias = torch.zeros(vocab, dtype=torch.float32)
+            self.bias[ids] = torch.tensor([float(v) for v in params.logit_bias.values()], dtype=torch.float32)
+            self.bias = self.bias.to(device)
+        self.presence = float(params.presence_penalty)
+        self.frequency = float(params.frequency_penalty)
+        penalised = self.presence != 0.0 or self.frequency != 0.0
+        self.counts = torch.zeros((rows, vocab), dtype=torch.float32, device=device) if penalised else None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.counts is not None:
+            logits = logits - self.counts * self.frequency - (self.counts > 0).float() * self.presence
+        return logits
+
+    def record(self, tokens: torch.Tensor) -> None:
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(self.counts[:, :1]))
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -176,6 +232,7 @@ def decode(
     source_cache = DynamicCache()
     finished = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=batch.input_ids.device)
     stops = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=finished.device)
+    processor: _LogitProcessor | None = None  # built on the first step, when the vocabulary width is known
     with ExitStack() as stack:
         probe_cap = stack.enter_context(capture(model, probe, sites=sites, positions="last")) if probe is not None else None
         readout_values = stack.enter_context(read_out(model, readout, sites=sites)) if readout is not None else None
@@ -197,7 +254,17 @@ def decode(
                 readout_values.clear()
             out = model(**inputs.kwargs(cache, positions))
             logits = out.logits[:, -1, :].float()
-            tokens = _sample(logits, params, generator)
+            if processor is None:
+                processor = _LogitProcessor(params, logits.shape[0], logits.shape[-1], logits.device)
+            processed = processor(logits)
+            tokens = _sample(processed, params, generator)
+            processor.record(tokens)
+            chosen = top = None
+            if params.logprobs is not None:
+                log_probs = torch.log_softmax(processed, dim=-1)
+                chosen = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
+                values, ids = log_probs.topk(params.logprobs, dim=-1)
+                top = (values, ids)
             finished = finished | torch.isin(tokens, stops) if stops.numel() else finished
             yield Step(
                 index=index,
@@ -207,6 +274,8 @@ def decode(
                 probe_activations=probe_cap.last() if probe_cap is not None else None,
                 readout_logits=readout_values.logits() if readout_values is not None else None,
                 patched_positions=patched,
+                logprobs=chosen,
+                top_logprobs=top,
             )
             if bool(finished.all()):
                 return

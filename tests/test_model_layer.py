@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,76 @@ def test_sampling_is_seeded(tiny_llama) -> None:
     a = generate_ids(tiny_llama.model, _batch(tiny_llama), params)
     b = generate_ids(tiny_llama.model, _batch(tiny_llama), params)
     assert a == b
+
+
+def _steps(loaded, params, prompts=PROMPTS):
+    return list(decode(loaded.model, _batch(loaded, prompts), params))
+
+
+def _full_forward_logits(loaded, rows: list[list[int]]) -> torch.Tensor:
+    """Last-position logits of one plain forward per row, no cache: the reference for each step."""
+    batch = left_pad(rows, loaded.tokenizer.pad_token_id)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions)
+    return out.logits[:, -1, :].float()
+
+
+def test_default_sampling_params_leave_tokens_and_logits_unchanged(tiny_llama) -> None:
+    for params in (SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3)):
+        base = _steps(tiny_llama, params)
+        same = _steps(tiny_llama, replace(params, presence_penalty=0.0, frequency_penalty=0.0, logit_bias={}))
+        assert [s.tokens.tolist() for s in base] == [s.tokens.tolist() for s in same]
+        assert all(torch.equal(a.logits, b.logits) for a, b in zip(base, same))
+        assert all(s.logprobs is None and s.top_logprobs is None for s in base)
+    # Greedy default decoding is the argmax of the model's own logits, step by step.
+    greedy = _steps(tiny_llama, SamplingParams(max_new_tokens=6))
+    assert all(torch.equal(s.tokens, s.logits.argmax(-1)) for s in greedy)
+
+
+def test_presence_and_frequency_penalties_follow_openai(tiny_llama) -> None:
+    presence, frequency = 0.7, 1.3
+    params = SamplingParams(max_new_tokens=10, presence_penalty=presence, frequency_penalty=frequency, logprobs=3)
+    steps = _steps(tiny_llama, params)
+    counts = torch.zeros_like(steps[0].logits)
+    for step in steps:
+        expected = step.logits - counts * frequency - (counts > 0).float() * presence
+        assert torch.equal(step.tokens, expected.argmax(-1))
+        torch.testing.assert_close(step.logprobs, torch.log_softmax(expected, -1).gather(-1, step.tokens[:, None]).squeeze(-1))
+        counts.scatter_add_(1, step.tokens[:, None], torch.ones_like(counts[:, :1]))
+    # A random tiny model repeats itself greedily; a large presence penalty forbids any repeat.
+    plain = [s.tokens.tolist() for s in _steps(tiny_llama, SamplingParams(max_new_tokens=10))]
+    assert any(len(set(row)) < len(row) for row in zip(*plain))
+    unique = [s.tokens.tolist() for s in _steps(tiny_llama, SamplingParams(max_new_tokens=10, presence_penalty=1e4))]
+    assert all(len(set(row)) == len(row) for row in zip(*unique))
+
+
+def test_logit_bias_forces_a_token_and_rejects_ids_outside_the_vocabulary(tiny_llama) -> None:
+    for params in (SamplingParams(max_new_tokens=5, logit_bias={42: 100.0}),
+                   SamplingParams(max_new_tokens=5, temperature=1.0, seed=1, logit_bias={42: 100.0})):
+        assert all(s.tokens.tolist() == [42, 42] for s in _steps(tiny_llama, params))
+    vocab = tiny_llama.model.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(UsageError, match="outside the vocabulary"):
+            _steps(tiny_llama, SamplingParams(max_new_tokens=1, logit_bias={bad: 1.0}))
+    with pytest.raises(UsageError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
+def test_logprobs_equal_log_softmax_of_a_plain_forward(tiny_llama) -> None:
+    steps = _steps(tiny_llama, SamplingParams(max_new_tokens=5, logprobs=4))
+    rows = [list(p) for p in PROMPTS]
+    for step in steps:
+        reference = torch.log_softmax(_full_forward_logits(tiny_llama, rows), -1)
+        torch.testing.assert_close(step.logprobs, reference.gather(-1, step.tokens[:, None]).squeeze(-1), atol=1e-4, rtol=1e-4)
+        values, ids = step.top_logprobs
+        assert values.shape == ids.shape == (2, 4)
+        assert torch.equal(ids[:, 0], step.tokens)  # greedy picks the top alternative
+        assert bool((values[:, :-1] >= values[:, 1:]).all())
+        torch.testing.assert_close(values, reference.topk(4, -1).values, atol=1e-4, rtol=1e-4)
+        rows = [r + [t] for r, t in zip(rows, step.tokens.tolist())]
+    empty = _steps(tiny_llama, SamplingParams(max_new_tokens=1, logprobs=0))[0]
+    assert empty.logprobs.shape == (2,) and empty.top_logprobs[0].shape == (2, 0)
 
 
 def test_unknown_architecture_error_names_the_override(tiny_llama) -> None:
