@@ -115,3 +115,88 @@ def load_all(raw_dir: Path) -> dict[str, list[PromptRow]]:
                 kept.append(row)
         result[source] = kept
     return result
+
+
+# ---- Broader sources: more harmful sets, benign look-alikes (hard negatives), small talk, jailbreak templates.
+HARD_NEGATIVE = "hard_negative"  # benign, but looks like a request to refuse: it must be answered
+SMALL_TALK = "small_talk"
+HANDWRITTEN_DIR = Path(__file__).resolve().parent / "data" / "handwritten"
+DO_NOT_ANSWER_HARMFUL = ("discrimination_exclusion_toxicity_hateful_offensive", "information_hazard", "malicious_uses")
+COCONOT_SAFETY = "Requests with safety concerns"
+
+
+def do_not_answer(raw_dir: Path) -> list[PromptRow]:
+    """Do-Not-Answer's clearly harmful risk areas; `human_chatbox` and `misinformation_harms` are
+    mostly requests for medical or financial advice that deserve a careful answer, so they are left out."""
+    rows = []
+    for name in DO_NOT_ANSWER_HARMFUL:
+        with open(raw_dir / "do_not_answer" / f"{name}.jsonl", encoding="utf-8") as f:
+            rows += [PromptRow(json.loads(line)["prompt"].strip(), HARMFUL, "do_not_answer") for line in f if line.strip()]
+    return rows
+
+
+def coconot_harmful(raw_dir: Path) -> list[PromptRow]:
+    """CoCoNot's should-not-comply prompts of category "Requests with safety concerns"."""
+    with open(raw_dir / "coconot" / "coconot_eval.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [PromptRow(r["prompt"].strip(), HARMFUL, "coconot_harmful") for r in rows if r["category"] == COCONOT_SAFETY]
+
+
+def coconot_contrast(raw_dir: Path) -> list[PromptRow]:
+    """CoCoNot's benign safety look-alikes, with the preferred (compliant) answer as the reference."""
+    with open(raw_dir / "coconot" / "coconot_pref.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [PromptRow(r["prompt"].strip(), HARMLESS, "coconot_contrast", r["chosen"].strip())
+            for r in rows if r["category"] == COCONOT_SAFETY]
+
+
+def _nested_questions(path: Path) -> list[str]:
+    """category -> subcategory -> [questions] (CatQA and HarmfulQA layout)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return [q.strip() for sub in data.values() for questions in sub.values() for q in questions]
+
+
+def catqa(raw_dir: Path) -> list[PromptRow]:
+    return [PromptRow(q, HARMFUL, "catqa") for q in _nested_questions(raw_dir / "catqa_harmfulqa" / "catqa_english.json")]
+
+
+def harmfulqa(raw_dir: Path) -> list[PromptRow]:
+    return [PromptRow(q, HARMFUL, "harmfulqa") for q in _nested_questions(raw_dir / "catqa_harmfulqa" / "harmfulqa.json")]
+
+
+def cyberseceval_frr(raw_dir: Path) -> list[PromptRow]:
+    """CyberSecEval 3's benign security prompts (all `is_malicious: false`)."""
+    rows = json.loads((raw_dir / "cyberseceval_frr" / "mitre_frr.json").read_text(encoding="utf-8"))
+    return [PromptRow(r["mutated_prompt"].strip(), HARMLESS, "cyberseceval_frr") for r in rows if not r["is_malicious"]]
+
+
+def small_talk(_raw_dir: Path) -> list[PromptRow]:
+    """Greetings and small talk, written for this project (the guard must never block them)."""
+    with open(HANDWRITTEN_DIR / "small_talk.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [PromptRow(r["prompt"], HARMLESS, SMALL_TALK, r["response"]) for r in rows]
+
+
+def handwritten_hard_negatives(_raw_dir: Path) -> list[PromptRow]:
+    """Benign requests with alarming words ("kill a Python process"), written for this project."""
+    with open(HANDWRITTEN_DIR / "hard_negatives.jsonl", encoding="utf-8") as f:
+        return [PromptRow(json.loads(line)["prompt"], HARMLESS, "handwritten_hard_negatives") for line in f if line.strip()]
+
+
+def jailbreak_templates(raw_dir: Path, max_chars: int) -> list[str]:
+    """GPTFuzzer templates short enough for the context, in file order."""
+    with open(raw_dir / "gptfuzz_templates" / "GPTFuzzer.csv", newline="", encoding="utf-8") as f:
+        texts = [r["text"].strip() for r in csv.DictReader(f)]
+    return [t for t in texts if "[INSERT PROMPT HERE]" in t and len(t) <= max_chars]
+
+
+def group_of(row: PromptRow) -> str:
+    """What a user sees the guard do on this row: harmful, benign, hard_negative or small_talk."""
+    if row.label == HARMFUL:
+        return HARMFUL
+    if row.source == SMALL_TALK:
+        return SMALL_TALK
+    return HARD_NEGATIVE if row.source in HARD_NEGATIVE_SOURCES else "benign"
+
+
+HARD_NEGATIVE_SOURCES = frozenset({"coconot_contrast", "cyberseceval_frr", "handwritten_hard_negatives"})
