@@ -10,8 +10,9 @@
   system message, later turn), applied to harmful and benign requests alike, each split
   with its own templates and small talk.
 
-Records are `{"prompt", "label", "source", "group", "style"}` plus `"messages"` (chat turns)
-when the style is not `plain`; `prompt` is then the flattened conversation.
+Records are `{"prompt", "label", "source", "group", "style"}`; when the style is not `plain`
+they add `"messages"` (the chat turns) and `"request"` (the request before styling), and
+`prompt` is the flattened conversation.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def _record(row: PromptRow, style: str = "plain", turns: list[dict[str, str]] | 
                                  "group": src.group_of(row), "style": style}
     if turns is not None:
         record["prompt"] = flatten(turns)
+        record["request"] = row.prompt
         record["messages"] = turns
     return record
 
