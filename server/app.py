@@ -22,8 +22,9 @@ from neuronguard.server.middleware import RequestMiddleware
 from neuronguard.server.routes import install_routes
 from neuronguard.server.runtime import Runtime, load_runtime
 from neuronguard.server.scheduler import Scheduler
+from neuronguard.server.services.common import ServiceContext
 from neuronguard.server.settings import Settings
-from neuronguard.server.state import AppState
+from neuronguard.server.state import AppState, Services
 
 log = logging.getLogger("neuronguard.server")
 Loader = Callable[[Settings], Runtime]
@@ -61,19 +62,21 @@ async def _load(state: AppState, loader: Loader, on_load_error: Callable[[BaseEx
         return
     state.scheduler = Scheduler(state.metrics, settings.max_queue, after_job=_hook_guard(state))
     state.runtime = runtime
+    state.services = Services.build(ServiceContext(runtime, state.scheduler, settings, state.metrics))
+    bundle = runtime.bundle.name if runtime.bundle is not None else "none"
     state.metrics.registered_hooks.set_function(lambda: _registered_hooks(runtime))  # read live at each scrape
-    state.metrics.model_info.labels(runtime.served_name, runtime.bundle.name).set(1)
+    state.metrics.model_info.labels(runtime.served_name, bundle).set(1)
     state.metrics.ready.set(1)
-    log.info("ready", extra={"model": runtime.served_name, "bundle": runtime.bundle.name})
+    log.info("ready", extra={"model": runtime.served_name, "bundle": bundle})
 
 
 def create_app(
-    settings: Settings | None = None,
+    settings: Settings,
     *,
     loader: Loader = load_runtime,
     on_load_error: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    settings = settings or Settings()
+    """The app for `settings` (built by the caller: nothing is read from the environment here)."""
     state = AppState(settings=settings, metrics=Metrics())
 
     @asynccontextmanager
@@ -88,13 +91,12 @@ def create_app(
                 loading.cancel()  # the loader thread finishes on its own; its result is dropped
             if state.scheduler is not None:
                 await asyncio.to_thread(state.scheduler.close)
-            state.runtime = state.scheduler = None
+            state.runtime = state.scheduler = state.services = None
 
     app = FastAPI(title="NeuronGuard", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.neuronguard = state
     install_error_handlers(app)
     install_routes(app)
-    paths = frozenset(getattr(r, "path", "") for r in app.routes)
     app.add_middleware(RequestMiddleware, metrics=state.metrics, keys=settings.key_values(),
-                       max_body_bytes=settings.max_body_bytes, paths=paths)
+                       max_body_bytes=settings.max_body_bytes, routes=list(app.routes))
     return app

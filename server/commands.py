@@ -1,36 +1,52 @@
 """`neuronguard serve`: run the guard server with uvicorn.
 
-Every flag has a `NEURONGUARD_*` environment variable; a flag given on the command line
-wins. Cheap checks (bundle fingerprint against the model config) run before the port is
-bound, so a mismatched bundle stops start-up with one clear line (exit code 2).
+Every setting is a flag and a `NEURONGUARD_*` environment variable; a flag given on the
+command line wins. Every check that needs no weights (settings, model and patch source,
+bundle fingerprint, the port) runs before the model loads, so a mistake stops start-up
+with one line and exit code 2. Building the parser imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import signal
+import socket
 from types import FrameType
+from typing import Any
 
 from neuronguard.errors import UsageError
 from neuronguard.server.guard import GUARD_MODES
 
-_FLAGS: tuple[tuple[str, str, dict], ...] = (
+_SWITCH = {"action": argparse.BooleanOptionalAction}
+# (flag, Settings field, argparse options); tests check this covers every field of Settings.
+_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--model", "model", {"metavar": "PATH_OR_ID", "help": "served model (default: the built-in unaligned organism)"}),
-    ("--bundle", "bundle", {"metavar": "DIR", "help": "guard bundle for the model (default: the organism's)"}),
-    ("--patch-source", "patch_source", {"metavar": "PATH_OR_ID", "help": "aligned twin for live patching ('none' disables)"}),
-    ("--served-model-name", "served_model_name", {"metavar": "NAME", "help": "model id shown to clients"}),
+    ("--bundle", "bundle", {"metavar": "DIR", "help": "guard bundle for the model (default: the organism's); "
+                                                      "'none' serves unguarded, with --guard-mode off"}),
+    ("--patch-source", "patch_source", {"metavar": "PATH_OR_ID",
+                                        "help": "aligned twin for live patching (default: the organism's); 'none' disables"}),
+    ("--served-model-name", "served_model_name", {"action": "append", "metavar": "NAME",
+                                                  "help": "model id shown to clients (repeatable: the first names the "
+                                                          "model, requests must name one of them)"}),
     ("--host", "host", {"help": "bind address (default 127.0.0.1)"}),
     ("--port", "port", {"type": int, "help": "port (default 8000)"}),
     ("--api-key", "api_keys", {"action": "append", "metavar": "KEY", "help": "accepted Bearer key (repeatable)"}),
-    ("--device", "device", {"help": "auto, cpu, cuda, cuda:N"}),
-    ("--dtype", "dtype", {"help": "auto, float32, bfloat16, float16"}),
+    ("--device", "device", {"help": "auto, cpu, cuda, cuda:N (default auto)"}),
+    ("--dtype", "dtype", {"help": "auto, float32, bfloat16, float16 (default auto)"}),
     ("--guard-mode", "guard_mode", {"choices": GUARD_MODES, "help": "server guard policy (default block)"}),
     ("--patch-k", "patch_k", {"type": int, "help": "neurons patched live (default: the bundle's)"}),
-    ("--max-queue", "max_queue", {"type": int, "help": "queued requests before 503 (default 64)"}),
+    ("--max-queue", "max_queue", {"type": int, "help": "queued jobs (one per choice) before 503 (default 64)"}),
+    ("--max-tokens-default", "max_tokens_default", {"type": int, "metavar": "N",
+                                                    "help": "chat tokens when a request sets no max_tokens (default 256)"}),
     ("--max-body-bytes", "max_body_bytes", {"type": int, "help": "request body limit (default 1000000)"}),
-    ("--log-prompts", "log_prompts", {"action": "store_const", "const": True, "help": "log prompt text"}),
-    ("--allow-guard-override", "allow_guard_override", {"action": "store_const", "const": True,
-                                                        "help": "let requests weaken the guard"}),
+    ("--refusal-message", "refusal_message", {"metavar": "TEXT", "help": "answer to a blocked request"}),
+    ("--graceful-shutdown-s", "graceful_shutdown_s", {"type": float, "metavar": "S",
+                                                      "help": "seconds running requests get after SIGTERM (default 30)"}),
+    ("--log-level", "log_level", {"choices": ("debug", "info", "warning", "error"), "help": "default info"}),
+    ("--log-prompts", "log_prompts", {**_SWITCH, "help": "log prompt text (default off)"}),
+    ("--allow-guard-override", "allow_guard_override", {**_SWITCH, "help": "let requests weaken the guard (default off)"}),
 )
 
 
@@ -38,8 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve a model behind the safety-neuron guard (OpenAI-compatible API)",
                                    description=__doc__.splitlines()[0])
     for flag, dest, options in _FLAGS:
+        options = {**options, "help": f"{options['help']} [env NEURONGUARD_{dest.upper()}]"}
         parser.add_argument(flag, dest=dest, default=None, **options)
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.set_defaults(func=serve)
 
 
@@ -47,13 +63,30 @@ def _drained(_sig: int, _frame: FrameType | None) -> None:
     """Receives the signal uvicorn re-raises after its graceful shutdown: nothing left to do."""
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything loads: a taken port stops start-up at once."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot resolve host '{host}': {exc.strerror} (fix: pass --host 127.0.0.1 or 0.0.0.0)") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts need no wait
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is already in use (fix: stop the other server or pass --port)") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror} (fix: pass another --host or --port)") from None
+    return sock
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn  # the CLI stays fast for other commands
     from pydantic import ValidationError
 
-    from neuronguard.server.app import create_app
     from neuronguard.server.logging import configure_logging
-    from neuronguard.server.runtime import preflight
     from neuronguard.server.settings import Settings
 
     overrides = {dest: getattr(args, dest) for _, dest, _ in _FLAGS if getattr(args, dest) is not None}
@@ -61,9 +94,20 @@ def serve(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise UsageError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    preflight(settings)
-    configure_logging(args.log_level.upper())
+        name = ".".join(map(str, first["loc"]))
+        raise UsageError(f"invalid setting {name}: {first['msg']} "
+                         f"(fix: correct --{name.replace('_', '-')} or NEURONGUARD_{name.upper()})") from None
+    sock = bind(settings.host, settings.port)
+    try:
+        from neuronguard.server.app import create_app
+        from neuronguard.server.runtime import preflight
+
+        preflight(settings)
+    except BaseException:
+        sock.close()
+        raise
+    configure_logging(settings.log_level.upper())
+    logging.getLogger("neuronguard.server").info("listening", extra={"host": settings.host, "port": sock.getsockname()[1]})
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -73,15 +117,16 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_error=stop_on_load_error)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+    config = uvicorn.Config(app, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.graceful_shutdown_s, lifespan="on")
     server = uvicorn.Server(config)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal into the handler installed before it
     # started: the default one kills the process (exit -15). A no-op one lets a drained server exit 0.
     previous = {sig: signal.signal(sig, _drained) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if failed:

@@ -6,6 +6,7 @@ answered with a generic message.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -13,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from neuronguard.server.protocol import ErrorBody, ErrorResponse
+from neuronguard.server.protocol import UNSUPPORTED, ErrorBody, ErrorResponse
 
 log = logging.getLogger("neuronguard.server")
 
@@ -53,6 +54,10 @@ class APIError(Exception):
     def body(self) -> dict:
         return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
 
+    def sse(self) -> str:
+        """The error as a server-sent event, for a stream that already started."""
+        return f"data: {json.dumps(self.body())}\n\n"
+
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
@@ -66,20 +71,20 @@ def guard_error() -> APIError:
     return APIError(503, "the guard failed on this request, so it was blocked: retry later", code="guard_error")
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
-        return "invalid request", None
+        return APIError(400, "invalid request", code="invalid_request")
     first = errors[0]
     # union member tags such as "function-after[_encodable(), str]" are pydantic internals, not fields
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p)]
     if first.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
+        return APIError(400, "the request body is not valid JSON", code="invalid_request")
     if not loc:
-        return "the request body must be a JSON object", None
-    param = ".".join(loc) or None
-    message = str(first.get("msg", "invalid value"))
-    return (f"{param}: {message}" if param else message), param
+        return APIError(400, "the request body must be a JSON object", code="invalid_request")
+    param = ".".join(loc)
+    code = UNSUPPORTED if first.get("type") == UNSUPPORTED else "invalid_request"
+    return APIError(400, f"{param}: {first.get('msg', 'invalid value')}", param=param, code=code)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -89,8 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return APIError(400, message, param=param, code="invalid_request").response()
+        return _validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,13 +8,13 @@ server allows overrides; it can never silently weaken the server's policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 GuardMode = Literal["off", "flag", "block", "patch", "block+patch"]
 Stage = Literal["prefill", "stream"]
 Decision = Literal["allow", "block", "flag"]
 
-GUARD_MODES: tuple[GuardMode, ...] = ("off", "flag", "block", "patch", "block+patch")
+GUARD_MODES: tuple[GuardMode, ...] = get_args(GuardMode)
 # What each mode does: score (report), block (stop on a flag), patch (live activation patching).
 _FEATURES: dict[GuardMode, frozenset[str]] = {
     "off": frozenset(),

@@ -1,5 +1,7 @@
 """Structured JSON logs: one object per line, with the request id when there is one.
 
+The server's, uvicorn's, transformers' and Python's warnings all go through the JSON
+formatter on stderr, and progress bars are off, so every line of the stream parses.
 Prompt text is logged only when `log_prompts` is on; API keys are never passed to a logger.
 """
 
@@ -7,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+_ROUTED = ("neuronguard", "uvicorn", "uvicorn.error", "transformers", "huggingface_hub", "py.warnings")
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,13 +32,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def disable_progress_bars() -> None:
+    """tqdm bars (weight loading, downloads) would break the one-object-per-line stream."""
+    os.environ["TQDM_DISABLE"] = "1"  # any tqdm created from now on, whoever creates it
+    from huggingface_hub.utils import disable_progress_bars as hub_off
+    from transformers.utils import logging as transformers_logging
+
+    hub_off()
+    transformers_logging.disable_progress_bar()
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Route the server's and uvicorn's logs through the JSON formatter on stderr."""
+    """Route every library's logs through the JSON formatter on stderr; no progress bars."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    for name in ("neuronguard", "uvicorn", "uvicorn.error"):
+    library_level = max(logging.WARNING, logging.getLevelName(level))  # their info lines are noise here
+    for name in _ROUTED:
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
-        logger.setLevel(level)
+        logger.setLevel(level if name.startswith(("neuronguard", "uvicorn")) else library_level)
         logger.propagate = False
+    logging.captureWarnings(True)  # warnings.warn(...) from any library, as JSON on "py.warnings"
     logging.getLogger("uvicorn.access").disabled = True  # the server logs each request itself
+    disable_progress_bars()

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from neuronguard.server.auth import authorized, needs_auth
@@ -31,13 +32,20 @@ class _TooLarge(Exception):
 
 class RequestMiddleware:
     def __init__(
-        self, app: ASGIApp, *, metrics: Metrics, keys: Sequence[bytes], max_body_bytes: int, paths: frozenset[str]
+        self, app: ASGIApp, *, metrics: Metrics, keys: Sequence[bytes], max_body_bytes: int, routes: Sequence[BaseRoute]
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.keys = list(keys)
         self.max_body_bytes = max_body_bytes
-        self.paths = paths
+        self.routes = list(routes)
+
+    def _endpoint(self, scope: Scope) -> str:
+        """The route template (`/v1/models/{model_id:path}`), so label values stay bounded."""
+        for route in self.routes:
+            if route.matches(scope)[0] != Match.NONE:
+                return str(getattr(route, "path", "unmatched"))
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,7 +56,7 @@ class RequestMiddleware:
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         path = scope["path"]
-        endpoint = path if path in self.paths else "unmatched"
+        endpoint = self._endpoint(scope)
         status = 500
         start = time.perf_counter()
 

@@ -1,20 +1,30 @@
 """Pydantic models mirroring the OpenAI schema, plus NeuronGuard's guard extensions.
 
-Unknown request fields are ignored (as OpenAI-compatible servers usually do); fields that
-would change the answer but are not supported (`n > 1`, non-text content) are rejected.
+Request types are strict where OpenAI's are (`"max_tokens": "4"` or `"stream": "yes"` is a
+400). Every OpenAI request field is either implemented or declared here as unsupported, so
+a value that would change the answer (tools, JSON mode, audio, ...) is a 400 naming the
+field with code `unsupported_parameter`, never ignored. Fields OpenAI does not define are
+accepted and logged by name (`unknown_fields`), as vLLM does.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from neuronguard.server.guard import Decision, GuardMode, Stage
 
 FinishReason = Literal["stop", "length", "content_filter"]
+MAX_CHOICES = 16  # choices per request (n, times prompts for completions): each is a job of its own
+MAX_TOP_LOGPROBS = 20  # chat `top_logprobs`
+MAX_COMPLETION_LOGPROBS = 5  # completions `logprobs`
+UNSUPPORTED = "unsupported_parameter"  # error type and code of a declared, unimplemented field
 
 
 def _encodable(text: str) -> str:
@@ -27,6 +37,46 @@ def _encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
+# Declared OpenAI fields this server does not implement; left out of the OpenAPI schema.
+Unsupported = SkipJsonSchema[Any]
+
+
+def _only(*allowed: Any) -> Callable[[Any], bool]:
+    return lambda value: value in allowed
+
+
+# Per unsupported field: the values that ask for nothing (besides null), and how to fix the request.
+_HARMLESS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (_only([]), "tool calling is not implemented"),
+    "tool_choice": (_only("none"), "tool calling is not implemented; only \"none\" is accepted"),
+    "functions": (_only([]), "function calling is not implemented"),
+    "function_call": (_only("none"), "function calling is not implemented; only \"none\" is accepted"),
+    "parallel_tool_calls": (_only(False), "tool calling is not implemented"),
+    "response_format": (_only({"type": "text"}), "JSON mode and structured outputs are not implemented; "
+                                                 "only {\"type\": \"text\"} is accepted"),
+    "audio": (_only(), "audio output is not implemented"),
+    "modalities": (_only(["text"]), "only [\"text\"] is accepted"),
+    "prediction": (_only(), "predicted outputs are not implemented"),
+    "web_search_options": (_only(), "web search is not implemented"),
+    "reasoning_effort": (_only(), "the served model has no reasoning setting"),
+    "verbosity": (_only(), "the served model has no verbosity setting"),
+    "store": (_only(False), "completions are not stored; only false is accepted"),
+    "echo": (_only(False), "echoing the prompt is not implemented; only false is accepted"),
+    "suffix": (_only(), "insertion (suffix) is not implemented"),
+    "best_of": (_only(1), "best_of is not implemented; use n"),
+    "name": (_only(), "message names are not passed to the chat template"),
+    "tool_calls": (_only([]), "tool calling is not implemented"),
+    "tool_call_id": (_only(), "tool calling is not implemented"),
+    "refusal": (_only(), "assistant refusals are not passed to the chat template"),
+}
+
+
+def _reject_unsupported(value: Any, info: ValidationInfo) -> Any:
+    name = info.field_name or ""
+    harmless, why = _HARMLESS[name]
+    if value is None or harmless(value):
+        return value
+    raise PydanticCustomError(UNSUPPORTED, "not supported by this server: {why}", {"why": why})
 
 
 class ErrorBody(BaseModel):
@@ -43,10 +93,21 @@ class ErrorResponse(BaseModel):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
-class TextPart(BaseModel):
+def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields a request sent that OpenAI's schema does not define."""
+    found = [f"{prefix}{name}" for name in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, BaseModel):
+                found += unknown_fields(item, f"{prefix}{name}.{i}." if isinstance(value, list) else f"{prefix}{name}.")
+    return found
+
+
+class TextPart(_Request):
     type: Literal["text"]
     text: Text
 
@@ -54,6 +115,15 @@ class TextPart(BaseModel):
 class ChatMessage(_Request):
     role: str
     content: Text | list[TextPart] | None = None
+    name: Unsupported = None
+    tool_calls: Unsupported = None
+    tool_call_id: Unsupported = None
+    function_call: Unsupported = None
+    audio: Unsupported = None
+    refusal: Unsupported = None
+
+    _unsupported = field_validator("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal",
+                                   mode="before")(_reject_unsupported)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -72,27 +142,29 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
+class GenerationRequest(_Request):
+    """What chat and legacy completions share: sampling, stopping, streaming, choices, the guard."""
+
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="choice i samples with seed + i")
     stop: Text | list[Text] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices, each generated and guarded on its own")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     guard: GuardOptions | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
+    # accepted, no effect on the answer: request metadata OpenAI uses for billing, caching and abuse tracking
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    store: Unsupported = None
 
     @field_validator("stop")
     @classmethod
@@ -102,8 +174,72 @@ class ChatCompletionRequest(_Request):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is not None and not all(key.isascii() and key.isdecimal() for key in bias):
+            raise ValueError("logit_bias keys must be token ids written as decimal strings, e.g. {\"50256\": -100}")
+        return bias
+
+    def bias(self) -> dict[int, float] | None:
+        return {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Unsupported = None
+    tool_choice: Unsupported = None
+    functions: Unsupported = None
+    function_call: Unsupported = None
+    parallel_tool_calls: Unsupported = None
+    response_format: Unsupported = None
+    audio: Unsupported = None
+    modalities: Unsupported = None
+    prediction: Unsupported = None
+    web_search_options: Unsupported = None
+    reasoning_effort: Unsupported = None
+    verbosity: Unsupported = None
+
+    _unsupported = field_validator("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+                                   "response_format", "audio", "modalities", "prediction", "web_search_options",
+                                   "reasoning_effort", "verbosity", "store", mode="before")(_reject_unsupported)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs \"logprobs\": true")
+        return top
+
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_n(self) -> int | None:
+        """Alternatives per token for the decoder (None: no log-probabilities)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: Text | list[Text] = Field(description="a string, or a list of strings (each gets n choices)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: Unsupported = None
+    suffix: Unsupported = None
+    best_of: Unsupported = None
+
+    _unsupported = field_validator("echo", "suffix", "best_of", "store", mode="before")(_reject_unsupported)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt must not be an empty list")
+        return prompt
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 class Usage(BaseModel):
@@ -113,7 +249,7 @@ class Usage(BaseModel):
 
 
 class GuardReport(BaseModel):
-    """What the guard saw and did for one request (attached to chat responses)."""
+    """What the guard saw and did for one choice (attached to chat and completion responses)."""
 
     mode: GuardMode
     stage: Stage
@@ -122,6 +258,32 @@ class GuardReport(BaseModel):
     threshold: float
     flagged: bool
     patched: bool = False
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """Chat: the released tokens' log-probabilities (a blocked token is never listed)."""
+
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Legacy completions: parallel lists per released token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class AssistantMessage(BaseModel):
@@ -133,21 +295,27 @@ class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
+    guard: GuardReport | None = None
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def completion_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _now() -> int:
+    return int(time.time())
 
 
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = Field(default_factory=_now)
     model: str
+    system_fingerprint: str
     choices: list[Choice]
     usage: Usage
-    guard: GuardReport | None = None
+    guard: GuardReport | None = Field(None, description="the guard report when n is 1 (each choice has its own)")
 
 
 class Delta(BaseModel):
@@ -159,7 +327,8 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
+    guard: GuardReport | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -167,7 +336,29 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str
     choices: list[ChunkChoice]
+    usage: Usage | None = None
+    guard: GuardReport | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: CompletionLogprobs | None = None
+    guard: GuardReport | None = None
+
+
+class Completion(BaseModel):
+    """A legacy completion, or one chunk of its stream (same object, as in OpenAI's API)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
     usage: Usage | None = None
     guard: GuardReport | None = None
 
@@ -188,10 +379,11 @@ class ModerationRequest(_Request):
 
 
 class ModerationResult(BaseModel):
-    # One category: the probe measures p(the model's answer would be harmful), nothing finer.
+    # The probe scores one category, `harmful`; OpenAI's own keys are present (false, 0.0) for typed clients.
     flagged: bool
     categories: dict[str, bool]
     category_scores: dict[str, float]
+    category_applied_input_types: dict[str, list[Literal["text"]]]
 
 
 class ModerationResponse(BaseModel):
@@ -232,7 +424,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-def jsonable(payload: BaseModel) -> dict[str, Any]:
-    return payload.model_dump(mode="json", exclude_none=False)

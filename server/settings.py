@@ -9,7 +9,7 @@ patch source.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -21,16 +21,29 @@ DEFAULT_MODEL = str(ORGANISM_DIR / "unaligned")
 DEFAULT_BUNDLE = str(ORGANISM_DIR / "bundle")
 DEFAULT_PATCH_SOURCE = str(ORGANISM_DIR / "aligned")
 _DISABLED = {"", "none", "off"}
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _split(value: Any) -> Any:
+    """A list from repeated flags, or from one variable: comma-separated or a JSON list."""
+    if isinstance(value, str):
+        text = value.strip()
+        value = json.loads(text) if text.startswith("[") else text.split(",")
+    if isinstance(value, (list, tuple)):
+        return [str(v.get_secret_value() if isinstance(v, SecretStr) else v).strip() for v in value if str(v).strip()]
+    return value
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NEURONGUARD_", extra="ignore", protected_namespaces=())
 
     model: str = DEFAULT_MODEL
-    bundle: str = DEFAULT_BUNDLE
-    # None disables live patching (then the patch guard modes are refused at start-up).
+    # None ('none'): no guard at all, allowed only with guard mode 'off'.
+    bundle: str | None = DEFAULT_BUNDLE
+    # None ('none') disables live patching (then the patch guard modes are refused at start-up).
     patch_source: str | None = DEFAULT_PATCH_SOURCE
-    served_model_name: str | None = None
+    # The first names the model in responses; with any given, a request's `model` must be one of them.
+    served_model_name: Annotated[list[str], NoDecode] = Field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     # Comma-separated or a JSON list in NEURONGUARD_API_KEYS; empty means no authentication.
@@ -46,21 +59,22 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     refusal_message: str = "I can't help with that request."
     graceful_shutdown_s: float = Field(30.0, ge=0)
+    log_level: LogLevel = "info"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "served_model_name", mode="before")
     @classmethod
-    def _split_keys(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            value = json.loads(text) if text.startswith("[") else text.split(",")
-        if isinstance(value, (list, tuple)):
-            return [str(v.get_secret_value() if isinstance(v, SecretStr) else v).strip() for v in value if str(v).strip()]
-        return value
+    def _split_lists(cls, value: Any) -> Any:
+        return _split(value)
 
-    @field_validator("patch_source", mode="before")
+    @field_validator("bundle", "patch_source", mode="before")
     @classmethod
-    def _disable_patch_source(cls, value: Any) -> Any:
+    def _disable(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() in _DISABLED else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     def key_values(self) -> list[bytes]:
         return [k.get_secret_value().encode() for k in self.api_keys]

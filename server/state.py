@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from neuronguard.server.errors import APIError
 from neuronguard.server.metrics import Metrics
 from neuronguard.server.runtime import Runtime
 from neuronguard.server.scheduler import Scheduler
+from neuronguard.server.services.chat import ChatService
+from neuronguard.server.services.common import ServiceContext
+from neuronguard.server.services.completions import CompletionService
+from neuronguard.server.services.models import ModelCatalog
+from neuronguard.server.services.moderation import ModerationService
 from neuronguard.server.settings import Settings
+
+
+@dataclass(frozen=True)
+class Services:
+    """Every service, built once when the model is loaded; the routes dispatch to them."""
+
+    chat: ChatService
+    completions: CompletionService
+    moderation: ModerationService
+    models: ModelCatalog
+
+    @classmethod
+    def build(cls, ctx: ServiceContext) -> Services:
+        return cls(ChatService(ctx), CompletionService(ctx), ModerationService(ctx), ModelCatalog(ctx, int(time.time())))
 
 
 @dataclass
@@ -17,15 +37,16 @@ class AppState:
     metrics: Metrics
     runtime: Runtime | None = None
     scheduler: Scheduler | None = None
+    services: Services | None = None
     failure: str | None = None  # why the server cannot serve (load error, leaked hooks)
 
     @property
     def ready(self) -> bool:
-        return self.runtime is not None and self.scheduler is not None and self.failure is None
+        return self.services is not None and self.failure is None
 
-    def require(self) -> tuple[Runtime, Scheduler]:
-        """The loaded runtime and scheduler, or a 503 while loading (or after a failure)."""
+    def require(self) -> Services:
+        """The services, or a 503 while loading (or after a failure)."""
         if not self.ready:
             raise APIError(503, "the model is not loaded yet: retry later", code="not_ready", headers={"Retry-After": "5"})
-        assert self.runtime is not None and self.scheduler is not None
-        return self.runtime, self.scheduler
+        assert self.services is not None
+        return self.services

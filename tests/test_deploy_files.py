@@ -363,6 +363,7 @@ def test_image_command_and_healthcheck_exist_in_cli_and_app():
     assert args.command == "serve" and args.host == "0.0.0.0"
 
     from neuronguard.server.app import create_app
+    from neuronguard.server.settings import Settings
 
-    paths = {getattr(route, "path", None) for route in create_app().routes}
+    paths = {getattr(route, "path", None) for route in create_app(Settings()).routes}
     assert {"/ready", "/health", "/metrics"} <= paths

@@ -218,7 +218,7 @@ def test_sigterm_drains_running_and_queued_requests_then_exits_0(settings, tmp_p
         assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
         slow = chat(HARMLESS, max_tokens=160, stream=True, guard={"mode": "block+patch"})
         threads = [threading.Thread(target=request, args=(slow,))]
-        threads += [threading.Thread(target=request, args=(chat(HARMLESS, max_tokens=8, stream=s),)) for s in (0, 1, 0)]
+        threads += [threading.Thread(target=request, args=(chat(HARMLESS, max_tokens=8, stream=s),)) for s in (False, True, False)]
         threads[0].start()
         wait_for(lambda: metric(base, "neuronguard_running_requests") == 1, 30, "the stream to start")
         for thread in threads[1:]:

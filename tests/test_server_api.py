@@ -186,7 +186,7 @@ async def test_moderations_and_guard_check_score_the_prefill(runtime, settings) 
         ({"messages": []}, 400, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
-        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 17}, 400, "n"),  # n > 1 works, up to 16
         ({"messages": [{"role": "user", "content": "x"}], "guard": {"threshold": 0.9}}, 400, "guard.threshold"),
         ({"messages": [{"role": "user", "content": "bread " * 300}]}, 400, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 250}, 400, "max_tokens"),

@@ -1,19 +1,26 @@
-"""Helpers shared by the services: encoding with HTTP errors, scheduling, disconnect watching."""
+"""What the services share: their context, encoding with HTTP errors, the model and guard
+checks, scheduling, and the one path by which a job's wait ends (answer, client gone, or
+fail closed).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel
 
-from neuronguard.models.chat import encode_chat
 from neuronguard.errors import UsageError
+from neuronguard.models.chat import encode_chat
 from neuronguard.server.errors import APIError, guard_error, overloaded
 from neuronguard.server.guard import GuardPolicy, PolicyError, resolve_policy
-from neuronguard.server.protocol import ChatMessage, GuardOptions
+from neuronguard.server.metrics import Metrics
+from neuronguard.server.protocol import ChatMessage, GuardOptions, unknown_fields
 from neuronguard.server.runtime import Runtime
 from neuronguard.server.scheduler import JobBody, JobHandle, Overloaded, Scheduler
 from neuronguard.server.settings import Settings
@@ -21,6 +28,20 @@ from neuronguard.server.settings import Settings
 log = logging.getLogger("neuronguard.server")
 T = TypeVar("T")
 _ROLE_ALIASES = {"developer": "system"}
+# transformers flips a tokenizer-wide flag on each `split_special_tokens` encode: the server's encodes
+# (chat templates and raw prompts, from many threads) take turns, so user text never gets control tokens.
+_ENCODE_LOCK = threading.Lock()
+_LOGGED_FIELDS = 16  # unknown field names logged per request, each cut to 64 characters
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """What every service works with; built once when the model is loaded."""
+
+    runtime: Runtime
+    scheduler: Scheduler
+    settings: Settings
+    metrics: Metrics
 
 
 class ClientGone(Exception):
@@ -30,16 +51,27 @@ class ClientGone(Exception):
 def encode_messages(runtime: Runtime, messages: Sequence[ChatMessage], param: str = "messages") -> list[int]:
     turns = [{"role": _ROLE_ALIASES.get(m.role, m.role), "content": m.text()} for m in messages]
     try:
-        ids = encode_chat(runtime.loaded.tokenizer, turns)
+        with _ENCODE_LOCK:
+            ids = encode_chat(runtime.loaded.tokenizer, turns)
     except UsageError as exc:
         raise APIError(400, str(exc), param=param, code="invalid_request") from None
     check_context(runtime, len(ids), 0, param)
     return ids
 
 
+def encode_text(runtime: Runtime, text: str, param: str = "prompt") -> list[int]:
+    """A raw prompt's ids (the tokenizer's own BOS, no chat template); typed special tokens stay text."""
+    with _ENCODE_LOCK:
+        ids = runtime.loaded.tokenizer.encode(text, add_special_tokens=True, split_special_tokens=True)
+    if not ids:
+        raise APIError(400, "the prompt is empty (it encodes to no tokens)", param=param, code="invalid_request")
+    check_context(runtime, len(ids), 0, param)
+    return ids
+
+
 async def tokenize_off_loop(encode: Callable[..., T], *args: Any) -> T:
     """Run `encode(*args)` in a thread: at the body limit it takes seconds of CPU, which on the
-    event loop would stall every other client (`encode_chat` itself makes encodes thread-safe)."""
+    event loop would stall every other client."""
     return await asyncio.to_thread(encode, *args)
 
 
@@ -53,23 +85,47 @@ def check_context(runtime: Runtime, prompt_tokens: int, new_tokens: int, param: 
                        param="max_tokens", code="context_length_exceeded")
 
 
+def model_not_found(runtime: Runtime, model: str | None) -> APIError:
+    return APIError(404, f"the model '{model}' does not exist: this server serves {', '.join(runtime.names.ids)}",
+                    param="model", code="model_not_found", type="invalid_request_error")
+
+
+def check_model(runtime: Runtime, model: str | None) -> None:
+    """With `--served-model-name` configured, a request must name one of those ids (404 otherwise)."""
+    if not runtime.names.accepts(model):
+        raise model_not_found(runtime, model)
+
+
+def no_guard(param: str | None) -> APIError:
+    return APIError(400, "this server runs without a guard bundle (guard mode 'off'), so it cannot score prompts: "
+                         "restart it with --bundle DIR", param=param, code="guard_unavailable")
+
+
 def policy_for(runtime: Runtime, settings: Settings, options: GuardOptions | None) -> GuardPolicy:
     try:
         policy = resolve_policy(runtime.policy(settings.guard_mode), options.mode if options else None,
                                 options.threshold if options else None, allow_override=settings.allow_guard_override)
     except PolicyError as exc:
         raise APIError(400, str(exc), param=exc.param, code="guard_override_not_allowed") from None
+    if policy.scores and runtime.bundle is None:
+        raise no_guard("guard.mode")
     if policy.patches and runtime.patch_source is None:
         raise APIError(400, f"guard mode '{policy.mode}' needs a patch source, and this server has none",
                        param="guard.mode", code="patch_unavailable")
     return policy
 
 
-def submit(scheduler: Scheduler, body: JobBody) -> JobHandle:
+def submit(scheduler: Scheduler, bodies: Sequence[JobBody]) -> list[JobHandle]:
+    """Queue one job per body; all or none (a full queue cancels the ones already queued: 503)."""
+    handles: list[JobHandle] = []
     try:
-        return scheduler.submit(body)
+        for body in bodies:
+            handles.append(scheduler.submit(body))
     except Overloaded:
+        for handle in handles:
+            handle.cancel()
         raise overloaded() from None
+    return handles
 
 
 async def _disconnected(request: Request) -> None:
@@ -77,8 +133,8 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def until_done_or_gone(request: Request, handle: JobHandle, work: Awaitable[T]) -> T:
-    """Await `work`; cancel the job if the client disconnects first, or if we are cancelled."""
+async def until_done_or_gone(request: Request, handles: Sequence[JobHandle], work: Awaitable[T]) -> T:
+    """Await `work`; cancel the jobs if the client disconnects first, or if we are cancelled."""
     task: asyncio.Future[T] = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
@@ -89,7 +145,8 @@ async def until_done_or_gone(request: Request, handle: JobHandle, work: Awaitabl
     finally:
         watcher.cancel()
         if not task.done():
-            handle.cancel()
+            for handle in handles:
+                handle.cancel()
             task.cancel()
 
 
@@ -101,9 +158,27 @@ def fail_closed(exc: BaseException, request_id: str | None) -> APIError:
     return guard_error()
 
 
+async def settle(request: Request, handles: Sequence[JobHandle], work: Awaitable[T]) -> T:
+    """Await jobs' work as an HTTP answer: 499 when the client went away, fail closed when they raised."""
+    try:
+        return await until_done_or_gone(request, handles, work)
+    except ClientGone:
+        raise APIError(499, "client closed the request", type="client_closed") from None
+    except Exception as exc:
+        raise fail_closed(exc, request_id(request)) from None
+
+
 def request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
 def log_extra(request: Request, **fields: Any) -> dict[str, Any]:
     return {"request_id": request_id(request), **fields}
+
+
+def log_unknown_fields(request: Request, body: BaseModel) -> None:
+    """Fields OpenAI does not define are ignored, never silently: their names are logged."""
+    names = unknown_fields(body)
+    if names:
+        log.warning("ignored unknown request fields",
+                    extra=log_extra(request, fields=[n[:64] for n in names[:_LOGGED_FIELDS]], count=len(names)))

@@ -11,13 +11,14 @@ one extra forward to be scored.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from prometheus_client import Histogram
+from transformers import PreTrainedTokenizerBase
 
 from neuronguard.models.artifact.probe import Probe
-from neuronguard.models.generation import SamplingParams, decode, left_pad
+from neuronguard.models.generation import SamplingParams, Step, decode, left_pad
 from neuronguard.server.guard import Decision, GuardPolicy, Stage
 from neuronguard.server.metrics import Metrics
 from neuronguard.server.protocol import FinishReason, GuardReport
@@ -36,8 +37,18 @@ class GenerationJob:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A released token's log-probability and its top alternatives, as text."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[Logprob, ...] = ()  # of the tokens released with this text
 
 
 @dataclass
@@ -47,6 +58,7 @@ class GenerationResult:
     guard: GuardReport | None
     blocked_stage: Stage | None = None
     text: str = ""
+    logprobs: list[Logprob] = field(default_factory=list)  # one per released token when asked for
 
 
 @dataclass
@@ -99,6 +111,19 @@ def score_one(probe: Probe, logits: torch.Tensor, head: int, latency: Histogram,
     return score
 
 
+_FLOOR = -9999.0  # JSON has no -inf: a token the bias ruled out reports this (as vLLM does)
+
+
+def _logprob(tokenizer: PreTrainedTokenizerBase, step: Step) -> Logprob:
+    """Row 0's chosen-token log-probability with its alternatives, decoded token by token."""
+    assert step.logprobs is not None and step.top_logprobs is not None
+    values, ids = step.top_logprobs
+    texts = tokenizer.batch_decode([[i] for i in [int(step.tokens[0]), *ids[0].tolist()]], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    floor = lambda v: max(float(v), _FLOOR)  # noqa: E731
+    return Logprob(texts[0], floor(step.logprobs[0]), tuple(zip(texts[1:], map(floor, values[0].tolist()))))
+
+
 def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: JobContext) -> GenerationResult:
     """Decode one request under its guard policy, emitting a `TextDelta` per released chunk."""
     policy = job.policy
@@ -115,19 +140,24 @@ def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: 
     released = 0
     last_release = job.arrival
     pending: int | None = None
+    pending_logprob: Logprob | None = None
+    logprobs: list[Logprob] = []
+    wants_logprobs = params.logprobs is not None
     finish: FinishReason = "length"
     blocked: Stage | None = None
     stopped_by_string = False
 
-    def release(token: int) -> bool:
+    def release(token: int, logprob: Logprob | None) -> bool:
         nonlocal released, last_release
         released += 1
         delta, stop = stream.push(token)
         now = time.perf_counter()
         metrics.ttft.observe(now - job.arrival) if released == 1 else metrics.itl.observe(now - last_release)
         last_release = now
-        if delta:
-            ctx.emit(TextDelta(delta))
+        if logprob is not None:
+            logprobs.append(logprob)
+        if delta or logprob is not None:
+            ctx.emit(TextDelta(delta, (logprob,) if logprob is not None else ()))
         return stop
 
     steps = decode(loaded.model, batch, params, sites=loaded.sites,
@@ -139,14 +169,14 @@ def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: 
             if scoring:
                 assert step.readout_logits is not None
                 stage: Stage = "prefill" if step.index == 0 else "stream"
-                probe, head = (runtime.bundle.probe, PREFILL_HEAD) if stage == "prefill" else (runtime.stream_probe, STREAM_HEAD)
+                probe, head = (runtime.prefill_probe, PREFILL_HEAD) if stage == "prefill" else (runtime.stream_probe, STREAM_HEAD)
                 score = score_one(probe, step.readout_logits, head, metrics.probe_latency, score_metrics[stage])
                 decision = policy.decide(score, stage)
                 verdicts.record(stage, score, decision)
                 if decision == "block":
                     finish, blocked = "content_filter", stage
                     break
-                if pending is not None and release(pending):  # the pending token passed the probe
+                if pending is not None and release(pending, pending_logprob):  # the pending token passed the probe
                     finish, stopped_by_string = "stop", True
                     break
                 pending = None
@@ -157,9 +187,10 @@ def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: 
             if token in runtime.stop_token_ids:
                 finish = "stop"
                 break
+            logprob = _logprob(loaded.tokenizer, step) if wants_logprobs else None
             if scoring:
-                pending = token
-            elif release(token):
+                pending, pending_logprob = token, logprob
+            elif release(token, logprob):
                 finish, stopped_by_string = "stop", True
                 break
     finally:
@@ -169,4 +200,4 @@ def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: 
         if tail:
             ctx.emit(TextDelta(tail))
     verdicts.count(metrics)
-    return GenerationResult(finish, released, verdicts.report(), blocked, stream.text)
+    return GenerationResult(finish, released, verdicts.report(), blocked, stream.text, logprobs)

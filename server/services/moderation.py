@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import torch
 from fastapi import Request
 
 from neuronguard.server.errors import APIError
@@ -19,19 +20,24 @@ from neuronguard.server.protocol import (
 )
 from neuronguard.server.runtime import Runtime
 from neuronguard.server.services.common import (
-    ClientGone,
+    ServiceContext,
     encode_messages,
-    fail_closed,
+    log_unknown_fields,
+    no_guard,
     policy_for,
-    request_id,
+    settle,
     submit,
     tokenize_off_loop,
-    until_done_or_gone,
 )
 from neuronguard.server.services.prefill import score_prompts
-from neuronguard.server.state import AppState
 
 CATEGORY = "harmful"  # the probe predicts one thing: whether the model's answer would be harmful
+# OpenAI's categories, reported false / 0.0 so typed clients get every key; the probe scores none of them.
+OPENAI_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
+    "self-harm", "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence",
+    "violence/graphic",
+)
 MAX_INPUTS = 64
 TOP_CONTRIBUTIONS = 10
 
@@ -41,41 +47,48 @@ def _encode_prompt(runtime: Runtime, text: str, param: str) -> list[int]:
     return encode_messages(runtime, [ChatMessage(role="user", content=text)], param)
 
 
-class ModerationService:
-    def __init__(self, state: AppState) -> None:
-        self.state = state
+def moderation_result(score: float, threshold: float) -> ModerationResult:
+    flagged = score >= threshold
+    return ModerationResult(
+        flagged=flagged,
+        categories={**dict.fromkeys(OPENAI_CATEGORIES, False), CATEGORY: flagged},
+        category_scores={**dict.fromkeys(OPENAI_CATEGORIES, 0.0), CATEGORY: score},
+        category_applied_input_types={**{c: [] for c in OPENAI_CATEGORIES}, CATEGORY: ["text"]},
+    )
 
-    async def _score(self, request: Request, prompts: list[list[int]]):
-        runtime, scheduler = self.state.require()
-        metrics = self.state.metrics
-        handle = submit(scheduler, lambda ctx: score_prompts(runtime, metrics, prompts, ctx))
-        try:
-            return await until_done_or_gone(request, handle, handle.result())
-        except ClientGone:
-            raise APIError(499, "client closed the request", type="client_closed") from None
-        except Exception as exc:
-            raise fail_closed(exc, request_id(request)) from None
+
+class ModerationService:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    async def _score(self, request: Request, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        runtime, metrics = self.ctx.runtime, self.ctx.metrics
+        handles = submit(self.ctx.scheduler, [lambda c: score_prompts(runtime, metrics, prompts, c)])
+        return await settle(request, handles, handles[0].result())
 
     async def moderate(self, body: ModerationRequest, request: Request) -> ModerationResponse:
-        runtime, _ = self.state.require()
+        runtime = self.ctx.runtime
+        if runtime.bundle is None:
+            raise no_guard(None)
+        log_unknown_fields(request, body)
         texts = body.texts()
         if len(texts) > MAX_INPUTS:
             raise APIError(400, f"at most {MAX_INPUTS} inputs per request", param="input", code="invalid_request")
         prompts = await tokenize_off_loop(lambda: [_encode_prompt(runtime, text, "input") for text in texts])
         scores, _ = await self._score(request, prompts)
-        threshold = runtime.bundle.probe.threshold
-        results = [
-            ModerationResult(flagged=s >= threshold, categories={CATEGORY: s >= threshold}, category_scores={CATEGORY: s})
-            for s in scores.tolist()
-        ]
+        threshold = runtime.prefill_probe.threshold
+        results = [moderation_result(s, threshold) for s in scores.tolist()]
         return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=runtime.served_name, results=results)
 
     async def check(self, body: GuardCheckRequest, request: Request) -> GuardCheckResponse:
         start = time.perf_counter()
-        runtime, _ = self.state.require()
+        runtime = self.ctx.runtime
+        if runtime.bundle is None or runtime.probe_selection is None:
+            raise no_guard(None)
+        log_unknown_fields(request, body)
         if (body.messages is None) == (body.prompt is None):
             raise APIError(400, "give exactly one of 'messages' or 'prompt'", param="messages", code="invalid_request")
-        policy = policy_for(runtime, self.state.settings, body.guard)
+        policy = policy_for(runtime, self.ctx.settings, body.guard)
         if body.messages is not None:
             ids = await tokenize_off_loop(encode_messages, runtime, body.messages)
         else:
@@ -91,7 +104,7 @@ class ModerationService:
             score=score,
             threshold=policy.prefill_threshold,
             decision=decision,
-            neurons_used=runtime.bundle.probe.k,
+            neurons_used=runtime.prefill_probe.k,
             latency_ms=(time.perf_counter() - start) * 1000,
             top_contributions=[
                 Contribution(layer=int(selection.layers[i]), index=int(selection.indices[i]), contribution=float(row[i]))

@@ -22,6 +22,7 @@ from neuronguard.server.scheduler import JobContext
 def prefill_activations(runtime: Runtime, prompts: Sequence[Sequence[int]], ctx: JobContext) -> torch.Tensor:
     """[b, k] activations of the probe neurons at each prompt's last token."""
     ctx.check()
+    assert runtime.probe_selection is not None, "the services refuse to score without a bundle"
     loaded = runtime.loaded
     batch = left_pad(prompts, loaded.tokenizer.pad_token_id, loaded.device)
     steps = decode(loaded.model, batch, SamplingParams(max_new_tokens=1), sites=loaded.sites, probe=runtime.probe_selection)
@@ -37,7 +38,7 @@ def score_prompts(
     runtime: Runtime, metrics: Metrics, prompts: Sequence[Sequence[int]], ctx: JobContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [b], per-neuron logit contributions [b, k]) of the prefill probe."""
-    probe = runtime.bundle.probe
+    probe = runtime.prefill_probe
     acts = prefill_activations(runtime, prompts, ctx)[:, : probe.k]
     start = time.perf_counter()
     contributions = probe.contributions(acts)  # [b, k]
