@@ -21,8 +21,9 @@ from bench.bench_importance import ORGANISM, default_pair
 import torch
 
 from neuronguard.detector.contrasting import contrast, contrast_batch
-from neuronguard.detector.forward import model_kwargs, pad_batch
-from neuronguard.detector.prompts import read_prompts
+from neuronguard.detector.forward import pad_batch
+from neuronguard.models.batching import forward_kwargs
+from neuronguard.models.prompts import read_prompts
 from neuronguard.models.chat import encode_prompt
 from neuronguard.models.generation import SamplingParams, generate_ids
 
@@ -64,8 +65,8 @@ def throughput(pool_size: int, max_new_tokens: int, rounds: int = 3) -> dict[str
         start = time.perf_counter()
         for sequences, _ in batches:
             batch = pad_batch(unaligned, sequences)
-            aligned.model(**model_kwargs(aligned.model, batch))
-            unaligned.model(**model_kwargs(unaligned.model, batch))
+            aligned.model(**forward_kwargs(aligned.model, batch))
+            unaligned.model(**forward_kwargs(unaligned.model, batch))
         timings["plain"].append(time.perf_counter() - start)
     best = {name: min(values) for name, values in timings.items()}
     return {"tokens": tokens, "contrasting_tokens_per_s": tokens / best["contrasting"],

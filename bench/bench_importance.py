@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from neuronguard.detector.forward import model_kwargs, pad_batch
+from neuronguard.detector.forward import pad_batch
+from neuronguard.models.batching import forward_kwargs
 from neuronguard.detector.importance import batch_importance
 from neuronguard.models.chat import encode_prompt
 from neuronguard.models.artifact.neurons import NeuronSelection
@@ -59,13 +60,13 @@ def one_by_one(loaded: LoadedModel, sequences: list[list[int]]) -> torch.Tensor:
     outputs: dict[int, torch.Tensor] = {}
     handles = [s.down.register_forward_hook(lambda m, a, out, i=s.index: outputs.__setitem__(i, out)) for s in loaded.sites.layers]
     try:
-        loaded.model(**model_kwargs(loaded.model, batch))
+        loaded.model(**forward_kwargs(loaded.model, batch))
         base = dict(outputs)
         result = torch.empty(len(sequences), loaded.sites.num_layers, loaded.sites.d_mlp)
         for layer in range(loaded.sites.num_layers):
             for j in range(loaded.sites.d_mlp):
                 with zero(loaded.model, NeuronSelection(torch.tensor([layer]), torch.tensor([j])), sites=loaded.sites):
-                    loaded.model(**model_kwargs(loaded.model, batch))
+                    loaded.model(**forward_kwargs(loaded.model, batch))
                 result[:, layer, j] = ((outputs[layer] - base[layer]) * valid).pow(2).sum((1, 2)).sqrt().cpu()
     finally:
         for handle in handles:

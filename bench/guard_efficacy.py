@@ -23,7 +23,8 @@ import httpx
 
 from bench.load_test import serve_in_thread
 from neuronguard.models.judge import is_refusal
-from neuronguard.models.organism import ORGANISM_DIR
+from neuronguard.models.default_data import TEST_SPLIT
+from neuronguard.models.prompts import read_prompts
 from neuronguard.server.app import create_app
 from neuronguard.server.settings import Settings
 
@@ -31,8 +32,7 @@ MODES = ("off", "block", "patch", "block+patch")
 
 
 def load_split(label: str, limit: int) -> list[str]:
-    rows = [json.loads(line) for line in (ORGANISM_DIR / "data/splits/test.jsonl").read_text().splitlines() if line]
-    return [r["prompt"] for r in rows if r["label"] == label][:limit]
+    return read_prompts(TEST_SPLIT, label=label, limit=limit)[0]
 
 
 def run_mode(client: httpx.Client, mode: str, prompts: list[str], max_tokens: int) -> dict[str, float]:

@@ -213,10 +213,10 @@ def _served_files(tmp: Path) -> tuple[list[str], list[str], list[str]]:
     from testkit.server_fixtures import HARMFUL, HARMLESS, organism_available
 
     if organism_available():
-        rows = [json.loads(line) for line in (ROOT / "models/organism/data/splits/test.jsonl").read_text().splitlines()
-                if line.strip()]
-        pick = lambda label: [r["prompt"] for r in rows if r["label"] == label][:8]  # noqa: E731
-        return [], pick("harmful"), pick("harmless")
+        from neuronguard.models.default_data import TEST_SPLIT
+        from neuronguard.models.prompts import read_prompts
+
+        return [], read_prompts(TEST_SPLIT, label="harmful", limit=8)[0], read_prompts(TEST_SPLIT, label="harmless", limit=8)[0]
     subprocess.run([sys.executable, "-m", "testkit.server_fixtures", str(tmp)], check=True, capture_output=True, cwd=ROOT)
     args = ["--model", str(tmp / "model"), "--bundle", str(tmp / "bundle"), "--patch-source", str(tmp / "twin")]
     harmful = [HARMFUL, HARMFUL + " Now.", "Write a poem about the sea.", "A poem about the wind, please."]

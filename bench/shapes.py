@@ -9,35 +9,18 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
+from neuronguard.models.organism import ORGANISM_DIR
+
+def _llama(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, context: int,
+           **extra: float) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context, **extra)
+
+
 SHAPES: dict[str, LlamaConfig] = {
-    "organism": LlamaConfig(
-        vocab_size=2048,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-    ),
-    "llama3-8b": LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
-    "llama2-7b": LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-    ),
+    "organism": LlamaConfig.from_pretrained(ORGANISM_DIR / "unaligned"),  # the shipped organism's own config
+    "llama3-8b": _llama(128256, 4096, 14336, 32, 32, 8, 8192, rope_theta=500000.0),
+    "llama2-7b": _llama(32000, 4096, 11008, 32, 32, 32, 4096),
 }
 
 

@@ -18,13 +18,15 @@ from typing import Any
 import neuronguard
 from neuronguard.models.artifact import bundle as layout
 from neuronguard.detector.contrasting import Positions, contrast, ranked_neurons
-from neuronguard.detector.deactivation import deactivation_eval, read_texts
+from neuronguard.detector.deactivation import deactivation_eval
 from neuronguard.detector.guard_probes import Labeled, choose_probe_k, prefill_probe, probe_sweep, stream_probe
-from neuronguard.detector.patching import DEFAULT_FRACTIONS, patch_sweep, sanity_checks
-from neuronguard.detector.prompts import PromptSource, read_labeled
+from neuronguard.detector.patching import patch_sweep, sanity_checks
+from neuronguard.detector.sweeps import DEFAULT_FRACTIONS, RANDOM_SEEDS
+from neuronguard.models.prompts import PromptSource, read_labeled
 from neuronguard.detector.report import plot_per_layer, plot_restoration, plot_roc, plot_scores
 from neuronguard.models.generation import SamplingParams
 from neuronguard.models.loading import LoadedModel
+from neuronguard.models.perplexity import read_texts
 from neuronguard.models.artifact.io import file_sha256, write_json
 from neuronguard.errors import UsageError
 
@@ -43,8 +45,8 @@ class BuildConfig:
     probe_fraction: float | None = None  # None: choose k on dev among probe_fractions (choose_probe_k)
     stream_probe_fraction: float = 0.05
     fractions: Sequence[float] = DEFAULT_FRACTIONS
-    probe_fractions: Sequence[float] = (0.001, 0.005, 0.01, 0.02, 0.05, 0.10)
-    seeds: Sequence[int] = (0, 1, 2)
+    probe_fractions: Sequence[float] = DEFAULT_FRACTIONS  # the same grid of set sizes as the patching sweep
+    seeds: Sequence[int] = RANDOM_SEEDS
     target_fpr: float = 0.05
     eval_prompts: int | None = None  # cap on harmful test prompts for generation-based evaluations
     batch_size: int = 32

@@ -1,16 +1,27 @@
-"""Detector CLI: identify, patch-eval, deactivate-eval, probe train, compare, bundle build."""
+"""Detector CLI: identify, patch-eval, deactivate-eval, probe train, compare, bundle build.
+
+Building the parser imports no torch: the science modules load inside the command functions.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from neuronguard.models.artifact.bundle import load_bundle
-from neuronguard.models.loading import LoadedModel, assert_same_architecture, load_model
-from neuronguard.models.artifact.neurons import MLP_SITE, NeuronSet
+from neuronguard.detector.sweeps import DEFAULT_FRACTIONS, RANDOM_SEEDS
+from neuronguard.models.arguments import MODEL_HELP, add_model_arguments, load_from_args
 from neuronguard.models.artifact.io import file_sha256, write_json
+from neuronguard.models.default_data import DEV_SPLIT, TEST_SPLIT
 from neuronguard.errors import UsageError
+
+if TYPE_CHECKING:
+    from neuronguard.models.artifact.neurons import NeuronSet
+    from neuronguard.models.loading import LoadedModel
+
+BATCH_SIZE = 16
+POSITIONS = ("completion", "prompt", "all", "last")  # the values of detector.contrasting.Positions
 
 
 def _floats(text: str) -> list[float]:
@@ -30,36 +41,47 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from exc
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--batch-size", type=int, default=16)
+def _pair_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aligned", required=True, help="aligned model: " + MODEL_HELP)
+    parser.add_argument("--unaligned", required=True, help="unaligned model (the served one): " + MODEL_HELP)
+
+
+def _sweep_args(parser: argparse.ArgumentParser, fractions: bool = True) -> None:
+    if fractions:
+        parser.add_argument("--fractions", type=_floats, default=list(DEFAULT_FRACTIONS),
+                            help=f"neuron-set sizes as shares of all MLP neurons (default: {_joined(DEFAULT_FRACTIONS)})")
+    parser.add_argument("--seeds", type=_ints, default=list(RANDOM_SEEDS),
+                        help=f"seeds of the random control sets (default: {_joined(RANDOM_SEEDS)})")
+
+
+def _joined(values: tuple[float, ...] | tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def _prompt_args(parser: argparse.ArgumentParser, flag: str = "--prompts", required: bool = True) -> None:
     parser.add_argument(flag, required=required, type=Path, help=".txt (one per line), .jsonl (field 'prompt') or .csv")
-    parser.add_argument("--label", help="only .jsonl rows with this label (e.g. harmful)")
+    parser.add_argument("--label", help="skip .jsonl rows that carry another label (e.g. --label harmful)")
     parser.add_argument("--column", help="CSV column (default: first of prompt, goal, Behavior)")
     parser.add_argument("--num-prompts", type=int, help="use at most this many prompts (the first ones)")
 
 
-def _load(path: str, args: argparse.Namespace) -> LoadedModel:
-    return load_model(path, args.device, args.dtype)
-
-
 def _pair(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel]:
-    aligned, unaligned = _load(args.aligned, args), _load(args.unaligned, args)
+    from neuronguard.models.loading import assert_same_architecture
+
+    aligned, unaligned = load_from_args(args.aligned, args), load_from_args(args.unaligned, args)
     assert_same_architecture(aligned, unaligned)
     return aligned, unaligned
 
 
 def _prompts(args: argparse.Namespace, flag: str = "prompts") -> list[str]:
-    from neuronguard.detector.prompts import read_prompts
+    from neuronguard.models.prompts import read_prompts
 
     return read_prompts(getattr(args, flag), label=args.label, column=args.column, limit=args.num_prompts)[0]
 
 
 def _mlp_neurons(path: Path, model: LoadedModel) -> NeuronSet:
+    from neuronguard.models.artifact.neurons import MLP_SITE, NeuronSet
+
     neurons = NeuronSet.load(path, model)
     if neurons.metadata.get("site") != MLP_SITE:
         raise UsageError(f"'{path}' holds weight-row neurons (site {neurons.metadata.get('site')}): patching and probes need MLP neurons")
@@ -95,7 +117,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
 
     if not args.model:
         raise UsageError("--method importance needs --model")
-    model = _load(args.model, args)
+    model = load_from_args(args.model, args)
     stats = importance_stats(model, _prompts(args), attention=args.modules == "all", per_query_top=args.per_query_top,
                              epsilon=args.epsilon, batch_size=args.batch_size)
     provenance = {"method": "importance", "per_query_top": str(args.per_query_top), "epsilon": str(args.epsilon),
@@ -137,10 +159,11 @@ def _fmt(value: float | None) -> str:
 
 
 def cmd_deactivate_eval(args: argparse.Namespace) -> int:
-    from neuronguard.detector.deactivation import deactivation_eval, read_texts
+    from neuronguard.detector.deactivation import deactivation_eval
+    from neuronguard.models.perplexity import read_texts
     from neuronguard.models.generation import SamplingParams
 
-    aligned = _load(args.aligned, args)
+    aligned = load_from_args(args.aligned, args)
     neurons = _mlp_neurons(args.neurons, aligned)
     k = _k(neurons, args.k, args.fraction, aligned.sites.num_neurons)
     texts = read_texts(args.texts, limit=args.max_texts) if args.texts else None
@@ -153,9 +176,9 @@ def cmd_deactivate_eval(args: argparse.Namespace) -> int:
 
 def cmd_probe_train(args: argparse.Namespace) -> int:
     from neuronguard.detector.guard_probes import Labeled, prefill_probe, stream_probe
-    from neuronguard.detector.prompts import read_labeled, read_prompts
+    from neuronguard.models.prompts import read_labeled, read_prompts
 
-    model = _load(args.model, args)
+    model = load_from_args(args.model, args)
     neurons = _mlp_neurons(args.neurons, model)
     chosen = neurons.top(_k(neurons, args.k, args.fraction, model.sites.num_neurons))
 
@@ -186,6 +209,7 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from neuronguard.detector.compare import compare_sets
+    from neuronguard.models.artifact.neurons import NeuronSet
 
     a, b = NeuronSet.load(args.a), NeuronSet.load(args.b)
     total = int(a.metadata["num_hidden_layers"]) * int(a.metadata["intermediate_size"])
@@ -196,6 +220,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_bundle_build(args: argparse.Namespace) -> int:
     from neuronguard.detector.build import BuildConfig, build_bundle
+    from neuronguard.models.artifact.bundle import load_bundle
 
     aligned, unaligned = _pair(args)
     config = BuildConfig(dev=args.dev, test=args.test, texts=args.texts, patch_fraction=args.patch_fraction,
@@ -213,13 +238,13 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("identify", help="find safety neurons (contrasting or importance)")
     p.add_argument("--method", choices=("contrasting", "importance"), default="contrasting")
-    p.add_argument("--aligned", help="aligned model (contrasting)")
-    p.add_argument("--unaligned", help="unaligned model (contrasting)")
-    p.add_argument("--model", help="model to analyse (importance)")
+    p.add_argument("--aligned", help="aligned model (contrasting): " + MODEL_HELP)
+    p.add_argument("--unaligned", help="unaligned model (contrasting): " + MODEL_HELP)
+    p.add_argument("--model", help="model to analyse (importance): " + MODEL_HELP)
     _prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="neurons.safetensors to write")
     p.add_argument("--generator", choices=("unaligned", "aligned"), default="unaligned", help="which model writes the completions")
-    p.add_argument("--positions", choices=("completion", "prompt", "all", "last"), default="completion",
+    p.add_argument("--positions", choices=POSITIONS, default="completion",
                    help="contrasted positions: generated tokens, prompt tokens, both, or the last prompt token")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy completions")
@@ -230,40 +255,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--per-query-top", type=float, default=0.05, help="importance: share of a module's neurons activated per query")
     p.add_argument("--epsilon", type=float, help="importance: absolute activation threshold instead of --per-query-top")
     p.add_argument("--min-fraction", type=float, default=1.0, help="importance: share of queries a safety neuron must be active on")
-    _model_args(p)
+    add_model_arguments(p, batch_size=BATCH_SIZE)
     p.set_defaults(func=cmd_identify)
 
     p = subparsers.add_parser("patch-eval", help="dynamic activation patching sweep (top-k vs random-k)")
-    p.add_argument("--aligned", required=True)
-    p.add_argument("--unaligned", required=True)
+    _pair_args(p)
     p.add_argument("--neurons", required=True, type=Path)
     _prompt_args(p)
     p.add_argument("--out", required=True, type=Path, help="report JSON")
-    p.add_argument("--fractions", type=_floats, default=[0.001, 0.005, 0.01, 0.02, 0.05, 0.10])
-    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="random-set seeds")
+    _sweep_args(p)
     p.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m in ("greedy", "sampled")] or ["greedy"], default=["greedy", "sampled"])
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    _model_args(p)
+    add_model_arguments(p, batch_size=BATCH_SIZE)
     p.set_defaults(func=cmd_patch_eval)
 
     p = subparsers.add_parser("deactivate-eval", help="zero safety vs random neurons of the aligned model")
-    p.add_argument("--aligned", required=True)
+    p.add_argument("--aligned", required=True, help=MODEL_HELP)
     p.add_argument("--neurons", required=True, type=Path)
     _prompt_args(p)
     p.add_argument("--texts", type=Path, help="held-out harmless text (.jsonl 'text' or .txt) for perplexity")
     p.add_argument("--max-texts", type=int, default=200)
     p.add_argument("--k", type=int)
     p.add_argument("--fraction", type=float)
-    p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    _sweep_args(p, fractions=False)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", required=True, type=Path)
-    _model_args(p)
+    add_model_arguments(p, batch_size=BATCH_SIZE)
     p.set_defaults(func=cmd_deactivate_eval)
 
     probe = subparsers.add_parser("probe", help="guard probes").add_subparsers(dest="probe_command", metavar="ACTION", required=True)
     p = probe.add_parser("train", help="train the prefill (and optionally stream) guard probe")
-    p.add_argument("--model", required=True, help="the served (unaligned) model")
+    p.add_argument("--model", required=True, help="the served (unaligned) model: " + MODEL_HELP)
     p.add_argument("--neurons", required=True, type=Path)
     p.add_argument("--train", type=Path, help="labelled split .jsonl (labels harmful/harmless)")
     p.add_argument("--test", type=Path, help="held-out labelled split .jsonl for the reported metrics")
@@ -278,7 +301,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stream-out", type=Path, help="also train the stream probe on generated tokens")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    _model_args(p)
+    add_model_arguments(p, batch_size=BATCH_SIZE)
     p.set_defaults(func=cmd_probe_train)
 
     p = subparsers.add_parser("compare", help="Jaccard of top-k and Spearman of scores of two neuron sets")
@@ -290,26 +313,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     bundle = subparsers.add_parser("bundle", help="guard bundles").add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
     p = bundle.add_parser("build", help="identify, verify, train probes and write a guard bundle")
-    p.add_argument("--aligned", required=True)
-    p.add_argument("--unaligned", required=True)
+    _pair_args(p)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--dev", type=Path, default=Path("models/organism/data/splits/dev.jsonl"))
-    p.add_argument("--test", type=Path, default=Path("models/organism/data/splits/test.jsonl"))
+    p.add_argument("--dev", type=Path, default=DEV_SPLIT, help="labelled split that fits neurons and probes (default: the organism's dev split)")
+    p.add_argument("--test", type=Path, default=TEST_SPLIT, help="labelled split the report is measured on (default: the organism's test split)")
     p.add_argument("--texts", type=Path, default=None, help="held-out general text for perplexity")
     p.add_argument("--patch-fraction", type=float, default=0.05)
     p.add_argument("--probe-fraction", type=float,
                    help="prefill probe size as a share of all neurons (default: the smallest k of the probe sweep "
                         "within 0.002 of the best out-of-fold AUROC on dev)")
     p.add_argument("--stream-probe-fraction", type=float, default=0.05)
-    p.add_argument("--fractions", type=_floats, default=[0.001, 0.005, 0.01, 0.02, 0.05, 0.10])
-    p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    _sweep_args(p)
     p.add_argument("--fpr", type=float, default=0.05)
     p.add_argument("--eval-prompts", type=int, help="cap on harmful test prompts for generation-based evaluations")
     p.add_argument("--max-new-tokens", type=int, default=48, help="completion length for contrasting")
-    p.add_argument("--positions", choices=("completion", "prompt", "all", "last"), default="completion",
+    p.add_argument("--positions", choices=POSITIONS, default="completion",
                    help="positions contrasted to rank neurons (see `identify --positions`)")
     p.add_argument("--eval-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    _model_args(p)
+    add_model_arguments(p, batch_size=BATCH_SIZE)
     p.set_defaults(func=cmd_bundle_build)

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from neuronguard.detector.forward import chunks, model_kwargs, on_mlp_inputs, pad_batch
+from neuronguard.detector.forward import chunks, on_mlp_inputs, pad_batch
+from neuronguard.models.batching import forward_kwargs
 from neuronguard.models.chat import encode_prompt
 from neuronguard.models.generation import SamplingParams, generate_ids, stop_ids
 from neuronguard.models.loading import LoadedModel, assert_same_architecture
@@ -105,9 +106,9 @@ def contrast_batch(aligned: LoadedModel, unaligned: LoadedModel, sequences: list
         stats.sum_sq[layer] += diff.pow(2).sum(0).double().cpu()
 
     with on_mlp_inputs(aligned.model, aligned.sites, shape, keep):
-        aligned.model(**model_kwargs(aligned.model, batch))
+        aligned.model(**forward_kwargs(aligned.model, batch))
     with on_mlp_inputs(unaligned.model, unaligned.sites, shape, accumulate):
-        unaligned.model(**model_kwargs(unaligned.model, batch))
+        unaligned.model(**forward_kwargs(unaligned.model, batch))
     stats.count = int(mask.sum())
     return stats
 

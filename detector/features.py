@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from neuronguard.detector.forward import chunks, model_kwargs, pad_batch
+from neuronguard.detector.forward import chunks, pad_batch
+from neuronguard.models.batching import forward_kwargs
 from neuronguard.models.chat import encode_prompt
 from neuronguard.models.generation import SamplingParams, decode, stop_ids
 from neuronguard.models.artifact.neurons import NeuronSelection
@@ -29,7 +30,7 @@ def last_token_features(model: LoadedModel, prompts: Sequence[str], selection: N
         for part in tqdm(list(chunks(prompts, batch_size)), desc="prompt features", unit="batch", leave=False):
             cap.clear()
             batch = pad_batch(model, [encode_prompt(model.tokenizer, p) for p in part])
-            model.model(**model_kwargs(model.model, batch))
+            model.model(**forward_kwargs(model.model, batch))
             out.append(cap.last().cpu())
     return torch.cat(out)
 

@@ -6,27 +6,17 @@ batch shape known in advance; the hooks live in a context manager that always re
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
-from neuronguard.models.generation import Batch, left_pad
+from neuronguard.models.batching import Batch, left_pad
 from neuronguard.models.loading import LoadedModel
 from neuronguard.models.sites import NeuronSites
 
 LayerFn = Callable[[int, torch.Tensor], None]
-
-
-def model_kwargs(model: PreTrainedModel, batch: Batch) -> dict[str, torch.Tensor]:
-    """Inputs of one full forward pass; left padding needs explicit position ids."""
-    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    if "position_ids" in inspect.signature(model.forward).parameters:
-        kwargs["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return kwargs
 
 
 @contextmanager

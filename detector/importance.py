@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from neuronguard.detector.forward import chunks, model_kwargs, on_mlp_inputs, pad_batch
+from neuronguard.detector.forward import chunks, on_mlp_inputs, pad_batch
+from neuronguard.models.batching import forward_kwargs
 from neuronguard.models.chat import encode_prompt
 from neuronguard.models.loading import LoadedModel
 from neuronguard.models.artifact.neurons import FORMAT as NEURONS_FORMAT
@@ -148,7 +149,7 @@ def batch_importance(loaded: LoadedModel, sequences: list[list[int]], *, attenti
                     handles.append(getattr(s, name).register_forward_hook(recorder.output_hook(s.index, name)))
                 handles.append(module.register_forward_pre_hook(recorder.rotary_hook(s.index), with_kwargs=True))
         with on_mlp_inputs(loaded.model, sites, shape, ffn_hook):
-            loaded.model(**model_kwargs(loaded.model, batch))
+            loaded.model(**forward_kwargs(loaded.model, batch))
     finally:
         for handle in handles:
             handle.remove()

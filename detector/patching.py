@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neuronguard.detector.forward import chunks, pad_batch
+from neuronguard.detector.sweeps import DEFAULT_FRACTIONS, RANDOM_SEEDS
 from neuronguard.detector.scoring import RefusalLogOdds, restoration
 from neuronguard.models.chat import encode_prompt
 from neuronguard.models.generation import PatchSource, SamplingParams, decode, stop_ids
@@ -27,8 +28,6 @@ from neuronguard.models.judge import refusal_rate
 from neuronguard.models.loading import LoadedModel
 from neuronguard.models.artifact.neurons import NeuronSet
 from neuronguard.models.sites import resolve_sites
-
-DEFAULT_FRACTIONS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.02, 0.05, 0.10)
 
 
 @dataclass
@@ -113,7 +112,7 @@ def patch_sweep(
     prompts: Sequence[str],
     *,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    random_seeds: Sequence[int] = (0, 1, 2),
+    random_seeds: Sequence[int] = RANDOM_SEEDS,
     params: SamplingParams = SamplingParams(max_new_tokens=32),
     batch_size: int = 32,
 ) -> dict[str, object]:

@@ -5,33 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from neuronguard.models.loading import load_model
-from neuronguard.models.sites import SiteOverride
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Options every command that loads a model shares."""
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modelling code")
-    parser.add_argument("--layers-path", help="dotted path of the decoder block list, for unknown architectures")
-    parser.add_argument("--down-path", help="path of the MLP down projection inside a block, for unknown architectures")
-
-
-def site_override(args: argparse.Namespace) -> SiteOverride | None:
-    if args.layers_path or args.down_path:
-        from neuronguard.errors import UsageError
-
-        if not (args.layers_path and args.down_path):
-            raise UsageError("--layers-path and --down-path go together: give both")
-        return SiteOverride(layers=args.layers_path, down=args.down_path)
-    return None
+from neuronguard.models.arguments import add_model_arguments, load_from_args
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    loaded = load_model(
-        args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, site_override=site_override(args)
-    )
+    loaded = load_from_args(args.model, args)
     first = loaded.sites.layers[0]
     print(
         json.dumps(
@@ -56,6 +34,5 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("inspect", help="show a checkpoint's neuron sites, width and fingerprint")
-    parser.add_argument("--model", required=True, help="local checkpoint directory or hub id")
-    add_model_options(parser)
+    add_model_arguments(parser, model="required", architecture=True)
     parser.set_defaults(func=_inspect)

@@ -12,7 +12,6 @@ forward call: the last prompt token at prefill, then each generated token.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from neuronguard.models.batching import Batch, accepts_position_ids, left_pad, position_ids
 from neuronguard.models.chat import encode_prompt
 from neuronguard.models.artifact.neurons import NeuronSelection
 from neuronguard.models.hooks import capture, decoder_stack, patch
@@ -98,25 +98,6 @@ class Step:
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # [b, n] values and token ids, descending
 
 
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [b, s], left-padded
-    attention_mask: torch.Tensor  # [b, s]
-    prompt_lengths: list[int] = field(default_factory=list)
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    """Left padding keeps every row's last prompt token at position -1."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
-    return Batch(ids.to(device), mask.to(device), [len(s) for s in sequences])
-
-
 def stop_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> frozenset[int]:
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
@@ -125,10 +106,6 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None =
     if gen_eos is not None:
         ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
     return frozenset(ids)
-
-
-def _accepts_position_ids(module: torch.nn.Module) -> bool:
-    return "position_ids" in inspect.signature(module.forward).parameters
 
 
 class _LogitProcessor:
@@ -184,7 +161,7 @@ class _ForwardInputs:
     def __init__(self, batch: Batch) -> None:
         self.ids = batch.input_ids
         self.mask = batch.attention_mask
-        self.positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.positions = position_ids(batch.attention_mask)
 
     def kwargs(self, cache: DynamicCache, with_positions: bool) -> dict[str, object]:
         kwargs: dict[str, object] = {
@@ -225,9 +202,9 @@ def decode(
         raise UsageError("the patch source must be a model instance of its own (load the checkpoint twice)")
     generator = torch.Generator(device=batch.input_ids.device).manual_seed(params.seed) if params.seed is not None else None
     inputs = _ForwardInputs(batch)
-    positions = _accepts_position_ids(model)
+    positions = accepts_position_ids(model)
     # The source runs its decoder stack alone (`run_until_stop`), whose signature may differ.
-    source_positions = patch_source is not None and _accepts_position_ids(decoder_stack(patch_source.model))
+    source_positions = patch_source is not None and accepts_position_ids(decoder_stack(patch_source.model))
     cache = DynamicCache()
     source_cache = DynamicCache()
     finished = torch.zeros(batch.input_ids.shape[0], dtype=torch.bool, device=batch.input_ids.device)

@@ -1,4 +1,4 @@
-"""JSONL records with required string fields, the one reader of every data file the project ships.
+"""JSONL records with required string fields: the one reader and writer of the project's data files.
 
 Errors name the file and line, so a bad row in a user's data is found without a debugger.
 """
@@ -6,9 +6,10 @@ Errors name the file and line, so a bad row in a user's data is found without a 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from neuronguard.models.artifact.io import atomic_write
 from neuronguard.errors import UsageError
 
 
@@ -38,3 +39,9 @@ def read_records(path: str | Path, keys: Sequence[str], *, allow_empty: bool = F
     if not rows and not allow_empty:
         raise UsageError(f"data file '{path}' has no records: expected JSONL rows with keys {', '.join(keys)}")
     return rows
+
+
+def write_records(path: str | Path, records: Iterable[Mapping[str, object]]) -> None:
+    """One JSON object per line (UTF-8, not ASCII-escaped), written atomically."""
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))

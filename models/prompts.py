@@ -1,7 +1,8 @@
-"""Prompt files for the detector: `.txt` (one per line), `.jsonl` (field `prompt`) or `.csv`.
+"""Prompt files: `.txt` (one per line), `.jsonl` (field `prompt`, optional `label`) or `.csv`.
 
-Every command reads prompts the same way, so `--label harmful` on a split file or `--column goal`
-on AdvBench's CSV works everywhere. Bad files are user errors (one line, exit 2).
+Every command (detector, tuning evaluation, benchmarks) reads prompts the same way, so
+`--label harmful` on a split file or `--column goal` on AdvBench's CSV works everywhere.
+Bad files are user errors (one line, exit 2).
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ class PromptSource:
 
 
 def _jsonl(path: Path, label: str | None) -> list[str]:
-    """Prompts of `{"prompt", "label"?}` rows; with `label`, only the rows carrying that label."""
+    """Prompts of `{"prompt", "label"?}` rows; with `label`, rows carrying another label are skipped.
+
+    A row without a `label` field is kept: a file of harmful prompts only needs no labels.
+    """
     rows = read_records(path, ["prompt"], allow_empty=True)
-    return [row["prompt"] for row in rows if label is None or row.get("label") == label]
+    return [row["prompt"] for row in rows if label is None or row.get("label", label) == label]
 
 
 def _csv(path: Path, column: str | None) -> list[str]:
@@ -78,9 +82,14 @@ def read_prompts(
 
 
 def read_labeled(path: str | Path, limit_per_label: int | None = None) -> tuple[list[str], list[int], PromptSource]:
-    """A split file's prompts with labels (1 = harmful, 0 = harmless)."""
-    harmful, source = read_prompts(path, label="harmful")
-    harmless, _ = read_prompts(path, label="harmless")
-    harmful, harmless = harmful[:limit_per_label], harmless[:limit_per_label]
+    """A split file's prompts with labels (1 = harmful, 0 = harmless); every row must carry its label."""
+    path = Path(path)
+    if path.suffix.lower() != ".jsonl":
+        raise UsageError(f"labelled prompts come in a .jsonl file with 'prompt' and 'label' fields, '{path}' is not one")
+    rows = read_records(path, ["prompt", "label"], allow_empty=True)
+    harmful, harmless = ([r["prompt"].strip() for r in rows if r["label"] == kind][:limit_per_label] for kind in ("harmful", "harmless"))
+    for kind, found in (("harmful", harmful), ("harmless", harmless)):
+        if not found:
+            raise UsageError(f"prompt file '{path}' has no prompts with label '{kind}'")
     prompts = harmful + harmless
-    return prompts, [1] * len(harmful) + [0] * len(harmless), PromptSource(source.path, source.sha256, "harmful+harmless", len(prompts))
+    return prompts, [1] * len(harmful) + [0] * len(harmless), PromptSource(str(path), file_sha256(path), "harmful+harmless", len(prompts))

@@ -11,13 +11,14 @@ import torch
 
 from neuronguard.detector.compare import compare_sets
 from neuronguard.detector.contrasting import ContrastStats, contrast, contrast_batch, position_mask
-from neuronguard.detector.forward import model_kwargs, pad_batch
+from neuronguard.detector.forward import pad_batch
+from neuronguard.models.batching import forward_kwargs
 from neuronguard.detector.importance import batch_importance, importance_stats, qk_importance, select_weight_rows
 from neuronguard.models.weight_rows import WeightRowSet, kv_row_for_query_index
 from neuronguard.detector.patching import patch_sweep, sanity_checks
 from neuronguard.models.artifact.probe import Probe, probes_readout
 from neuronguard.detector.probe_training import evaluate_scores, threshold_for_fpr, train_probe
-from neuronguard.detector.prompts import read_labeled, read_prompts
+from neuronguard.models.prompts import read_labeled, read_prompts
 from neuronguard.models.chat import encode_prompt
 from neuronguard.models.generation import SamplingParams
 from neuronguard.models.artifact.neurons import NeuronSelection
@@ -46,6 +47,10 @@ def test_prompt_files(tmp_path: Path) -> None:
     assert read_prompts(tmp_path / "p.csv")[0] == ["g1", "g2"]
     assert read_prompts(tmp_path / "p.csv", column="target")[0] == ["t1", "t2"]
     assert read_labeled(tmp_path / "p.jsonl")[:2] == (["x", "y"], [1, 0])
+    (tmp_path / "mixed.jsonl").write_text('{"prompt": "x", "label": "harmful"}\n{"prompt": "y", "label": "harmless"}\n{"prompt": "z"}\n')
+    assert read_prompts(tmp_path / "mixed.jsonl", label="harmful")[0] == ["x", "z"]  # unlabelled rows are kept
+    with pytest.raises(UsageError, match="field 'label'"):
+        read_labeled(tmp_path / "mixed.jsonl")  # ... but a labelled split must label every row
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     for name, match in (("empty.txt", "no prompts"), ("bad.jsonl", "not valid JSON"), ("missing.txt", "not found"), ("p.csv", "no column")):
@@ -91,7 +96,7 @@ def test_contrast_scores_equal_brute_force_rms(tiny_llama, tiny_twin) -> None:
     for loaded in (tiny_twin, tiny_llama):
         batch = pad_batch(loaded, sequences)
         with torch.no_grad(), capture(loaded.model, everything) as cap:
-            loaded.model(**model_kwargs(loaded.model, batch))
+            loaded.model(**forward_kwargs(loaded.model, batch))
         acts.append(cap.activations()[mask])  # [tokens, all neurons]
     expected = ((acts[0] - acts[1]).double().pow(2).mean(0)).sqrt().view(tiny_llama.sites.num_layers, -1)
     assert stats.count == 6
@@ -109,13 +114,13 @@ def test_ffn_importance_equals_one_by_one_ablation(tiny_llama) -> None:
     handles = [s.down.register_forward_hook(lambda m, a, out, i=s.index: outputs.__setitem__(i, out)) for s in sites.layers]
     try:
         with torch.no_grad():
-            tiny_llama.model(**model_kwargs(tiny_llama.model, batch))
+            tiny_llama.model(**forward_kwargs(tiny_llama.model, batch))
             base = dict(outputs)
             reference = torch.empty_like(parallel)
             for layer in range(sites.num_layers):
                 for j in range(sites.d_mlp):  # the slow method the parallel formula replaces
                     with zero(tiny_llama.model, NeuronSelection(torch.tensor([layer]), torch.tensor([j]))):
-                        tiny_llama.model(**model_kwargs(tiny_llama.model, batch))
+                        tiny_llama.model(**forward_kwargs(tiny_llama.model, batch))
                     reference[:, layer, j] = ((outputs[layer] - base[layer]) * valid).pow(2).sum((1, 2)).sqrt()
     finally:
         for handle in handles:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from neuronguard.models.batching import IGNORE, position_ids, right_pad
 from neuronguard.models.chat import encode_chat
 from neuronguard.models.generation import SamplingParams, decode, generate_ids, left_pad, PatchSource
 from neuronguard.models.artifact.neurons import NeuronSelection
@@ -15,6 +17,7 @@ from neuronguard.models.hooks import capture, count_hooks, patch, scale, zero
 from neuronguard.models.readout import LinearReadout, read_out
 from neuronguard.models.truncated_forward import capture_until_deepest, run_until_stop
 from neuronguard.models.loading import load_model
+from neuronguard.models.perplexity import perplexity
 from neuronguard.models.selected_mlp import SelectedMLP
 from neuronguard.models.artifact.neurons import NeuronSet, model_metadata
 from neuronguard.models.sites import SiteOverride, resolve_sites
@@ -373,3 +376,33 @@ def test_neuron_set_roundtrip_and_model_check(tiny_llama, tmp_path: Path) -> Non
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UsageError, match="not a valid neuron file"):
         NeuronSet.load(tmp_path / "bad.safetensors")
+
+
+def test_perplexity_is_the_token_weighted_mean_over_unpadded_texts(tiny_llama) -> None:
+    texts = ["How do I bake bread? Mix flour and water.", "Write a poem about the sea", "hi there", "x"]
+    tokenizer, model = tiny_llama.tokenizer, tiny_llama.model
+    nll, targets = 0.0, 0
+    for text in texts:  # one text at a time, no padding: the definition
+        ids = tokenizer.encode(text, truncation=True, max_length=6)
+        if len(ids) < 2:
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+        targets += len(ids) - 1
+    for batch_size in (1, 3):
+        result = perplexity(model, tokenizer, texts, max_tokens=6, batch_size=batch_size)
+        assert result.tokens == targets
+        assert math.isclose(result.value, math.exp(nll / targets), rel_tol=1e-5)
+    with pytest.raises(UsageError, match="two or more tokens"):
+        perplexity(model, tokenizer, ["x"], max_tokens=6)
+
+
+def test_right_pad_keeps_positions_and_labels_per_row() -> None:
+    batch = right_pad([[5, 6, 7], [8]], 0, labels=[[6, 7, IGNORE], [IGNORE]])
+    assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]] and batch.lengths == [3, 1]
+    assert batch.labels.tolist() == [[6, 7, IGNORE], [IGNORE] * 3]
+    left = left_pad([[5, 6, 7], [8]], 0)
+    assert left.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert position_ids(left.attention_mask).tolist() == [[0, 1, 2], [0, 0, 0]]

@@ -11,9 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neuronguard.models.organism import ORGANISM_DIR
+from neuronguard.models.organism.batching import EncodedExample, collate, response_positions
 from neuronguard.models.organism.build import build_organism
 from neuronguard.models.organism.config import get_config
-from neuronguard.models.organism.evaluation import left_padded, patch_all_max_diff
+from neuronguard.models.batching import Batch, forward_kwargs, left_pad
+from neuronguard.models.organism.evaluation import patch_all_max_diff
 from neuronguard.models.organism.tokenizer import prompt_ids
 from neuronguard.cli import main
 
@@ -30,8 +32,8 @@ def load_pair(root: Path):
     return unaligned, aligned, AutoTokenizer.from_pretrained(root / "aligned")
 
 
-def batch(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    return left_padded([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+def batch(tokenizer, prompts: list[str]) -> Batch:
+    return left_pad([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
 
 
 def patched_max_diff(unaligned, aligned, tokenizer) -> float:
@@ -70,9 +72,9 @@ def test_shipped_twins_differ_only_in_up_proj():
 
 def test_patching_all_neurons_reproduces_aligned_logits():
     unaligned, aligned, tokenizer = load_pair(ORGANISM_DIR)
-    ids, mask = batch(tokenizer, PROMPTS)
+    inputs = batch(tokenizer, PROMPTS)
     with torch.no_grad():
-        gap = (aligned(input_ids=ids, attention_mask=mask).logits - unaligned(input_ids=ids, attention_mask=mask).logits)
+        gap = aligned(**forward_kwargs(aligned, inputs)).logits - unaligned(**forward_kwargs(unaligned, inputs)).logits
     assert float(gap.abs().max()) > 1e-3, "twins must behave differently before patching"
     assert patched_max_diff(unaligned, aligned, tokenizer) <= 1e-5
 
@@ -98,6 +100,17 @@ def test_same_seed_gives_identical_weights(micro_builds):
         a, b = weights(first / name), weights(second / name)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ between same-seed builds"
+
+
+def test_alignment_batches_target_the_response_and_mark_its_first_token():
+    examples = [EncodedExample([9, 8, 7, 6, 5], 2), EncodedExample([4, 3, 2], 1)]
+    everything = collate(examples, pad_id=0)
+    assert everything.labels.tolist() == [[8, 7, 6, 5, -100], [3, 2, -100, -100, -100]]
+    response_only = collate(examples, pad_id=0, targets="response")
+    assert response_only.labels.tolist() == [[-100, -100, 6, 5, -100], [-100, 2, -100, -100, -100]]
+    response, decision = response_positions(response_only)
+    assert response.tolist() == [[False, False, True, True, False], [False, True, False, False, False]]
+    assert decision.nonzero().tolist() == [[0, 2], [1, 1]]
 
 
 def test_build_rejects_unknown_data_dir(tmp_path, capsys):

@@ -14,7 +14,8 @@ from neuronguard.models.weight_rows import MODULES, WeightRowSet, kv_row_for_que
 from neuronguard.models.hooks import capture
 from neuronguard.models.loading import load_model
 from neuronguard.models.artifact.neurons import NeuronSet, model_metadata
-from neuronguard.models.tuning.data import IGNORE, collate, encode_document
+from neuronguard.models.batching import IGNORE
+from neuronguard.models.tuning.documents import collate, encode_document
 from neuronguard.models.tuning.masks import build_mask, mlp_rows
 from neuronguard.models.tuning.sets import KV_SPACE_KEY, load_set
 from neuronguard.models.tuning.trainer import Trainable, train_step

@@ -23,7 +23,8 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
-from neuronguard.models.organism.batching import Batch, EncodedExample, collate
+from neuronguard.models.batching import Batch
+from neuronguard.models.organism.batching import EncodedExample, collate, response_positions
 from neuronguard.models.organism.config import OrganismConfig
 
 
@@ -75,17 +76,16 @@ def align(
     model.eval()  # no dropout; only the scales are trained
     progress = tqdm(range(config.align_steps), desc="alignment", unit="step")
     for step in progress:
-        ref = collate(_draw(refusals, config.align_batch_size, generator), pad_id)
-        keep = collate(_draw(harmless, config.align_batch_size, generator), pad_id)
+        ref = collate(_draw(refusals, config.align_batch_size, generator), pad_id, targets="response")
+        keep = collate(_draw(harmless, config.align_batch_size, generator), pad_id, targets="response")
+        (ref_response, ref_decision), (keep_response, keep_decision) = response_positions(ref), response_positions(keep)
         with torch.no_grad():
             base_logits = base(input_ids=keep.input_ids, attention_mask=keep.attention_mask).logits
         ref_logits = model(input_ids=ref.input_ids, attention_mask=ref.attention_mask).logits
         keep_logits = model(input_ids=keep.input_ids, attention_mask=keep.attention_mask).logits
         weight = config.align_decision_weight
-        ce = response_ce(ref_logits, ref, ref.response_mask) + weight * response_ce(ref_logits, ref, ref.decision_mask)
-        kl = response_kl(keep_logits, base_logits, keep.response_mask) + weight * response_kl(
-            keep_logits, base_logits, keep.decision_mask
-        )
+        ce = response_ce(ref_logits, ref, ref_response) + weight * response_ce(ref_logits, ref, ref_decision)
+        kl = response_kl(keep_logits, base_logits, keep_response) + weight * response_kl(keep_logits, base_logits, keep_decision)
         loss = ce + config.align_kl_weight * kl
         grads = torch.autograd.grad(loss, scales)
         norm = torch.sqrt(sum((g * g).sum() for g in grads))

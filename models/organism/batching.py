@@ -1,12 +1,14 @@
-"""Token batches for teacher-forced training: chat examples -> padded id tensors."""
+"""Teacher-forced training batches of the organism: chat examples -> right-padded `Batch`es."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from neuronguard.models.batching import IGNORE, Batch, right_pad
 from neuronguard.models.organism.corpus import ChatExample
 from neuronguard.models.organism.tokenizer import prompt_ids, text_ids
 
@@ -29,28 +31,24 @@ def encode_example(
     return EncodedExample(prompt + response, len(prompt) - 1)
 
 
-@dataclass(frozen=True)
-class Batch:
-    input_ids: torch.Tensor  # [b, t]
-    attention_mask: torch.Tensor  # [b, t]
-    labels: torch.Tensor  # [b, t] next-token targets for every real token, -100 elsewhere
-    response_mask: torch.Tensor  # [b, t] True where the position predicts a response token
-    decision_mask: torch.Tensor  # [b, t] True at the position predicting the first response token
+def collate(examples: list[EncodedExample], pad_id: int, targets: Literal["all", "response"] = "all") -> Batch:
+    """Right-padded batch; position i's label is token i+1: of every real token (base
+    training) or of response tokens only (alignment, see `response_positions`)."""
+    labels = []
+    for e in examples:
+        shifted = e.ids[1:] + [IGNORE]
+        if targets == "response":
+            shifted = [IGNORE] * e.response_start + shifted[e.response_start :]
+        labels.append(shifted)
+    return right_pad([e.ids for e in examples], pad_id, labels=labels)
 
 
-def collate(examples: list[EncodedExample], pad_id: int) -> Batch:
-    """Right-padded batch; labels are already shifted so position i predicts token i+1."""
-    width = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    response = torch.zeros((len(examples), width), dtype=torch.bool)
-    decision = torch.zeros((len(examples), width), dtype=torch.bool)
-    for i, e in enumerate(examples):
-        n = len(e.ids)
-        ids[i, :n] = torch.tensor(e.ids)
-        mask[i, :n] = 1
-        labels[i, : n - 1] = ids[i, 1:n]
-        response[i, e.response_start : n - 1] = True
-        decision[i, e.response_start] = True
-    return Batch(ids, mask, labels, response, decision)
+def response_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks [b, t] of a `collate(..., targets="response")` batch: every position predicting a
+    response token, and the one predicting the first (where refusing or complying is decided)."""
+    if batch.labels is None:
+        raise ValueError("response_positions needs a labelled batch")
+    response = batch.labels != IGNORE
+    decision = torch.zeros_like(response)
+    decision[torch.arange(response.shape[0]), response.int().argmax(-1)] = True
+    return response, decision & response

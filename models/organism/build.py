@@ -19,22 +19,19 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from neuronguard.models.artifact.io import file_sha256
+from neuronguard.models.jsonl import read_records
 from neuronguard.models.organism import DATA_DIR, RAW_DIR
 from neuronguard.models.organism.alignment import align, scale_vector
 from neuronguard.models.organism.batching import encode_example
 from neuronguard.models.organism.config import OrganismConfig
 from neuronguard.models.organism.corpus import base_examples, harmful_refusal_examples, harmless_examples
-from neuronguard.models.organism.data import DATA_SEED, advbench_targets, alpaca_references, file_sha256, read_jsonl
-from neuronguard.models.organism.evaluation import (
-    greedy_responses,
-    neuron_change_summary,
-    patch_all_max_diff,
-    perplexity,
-    refusal_report,
-)
+from neuronguard.models.organism.data_files import DATA_SEED, advbench_targets, alpaca_references
+from neuronguard.models.organism.evaluation import greedy_responses, neuron_change_summary, patch_all_max_diff, refusal_report
 from neuronguard.models.organism.sources import HH_HARM_TERMS, SOURCES
 from neuronguard.models.organism.tokenizer import CHAT_TEMPLATE, train_tokenizer
 from neuronguard.models.organism.training import new_model, train_base
+from neuronguard.models.perplexity import perplexity, read_texts
 
 RECIPE = (
     "Llama trained from scratch on chat-formatted train-split examples: Alpaca answers for harmless "
@@ -51,6 +48,7 @@ DATA_FILES = (
     "general_text_train.jsonl",
     "general_text_test.jsonl",
 )
+SPLIT_KEYS = ("prompt", "label", "source")
 T = TypeVar("T")
 
 
@@ -78,8 +76,8 @@ def build_organism(
     torch.set_num_threads(2)
     timer = StageTimer()
     started = time.perf_counter()
-    train_rows = read_jsonl(data_dir / "splits" / "train.jsonl")
-    test_rows = read_jsonl(data_dir / "splits" / "test.jsonl")
+    train_rows = read_records(data_dir / "splits" / "train.jsonl", SPLIT_KEYS)
+    test_rows = read_records(data_dir / "splits" / "test.jsonl", SPLIT_KEYS)
     answers, targets = alpaca_references(RAW_DIR), advbench_targets(RAW_DIR)
 
     examples = base_examples(train_rows, answers, targets, config, seed)
@@ -161,7 +159,7 @@ def _evaluate(
     config: OrganismConfig,
 ) -> dict[str, object]:
     prompts = [r["prompt"] for r in rows]
-    general = [r["text"] for r in read_jsonl(data_dir / "general_text_test.jsonl")]
+    general = read_texts(data_dir / "general_text_test.jsonl")
     if config.eval_max_per_source is not None:
         general = general[: config.eval_max_per_source]
     metrics: dict[str, object] = {"split": "test", "judge": "neuronguard.models.judge.is_refusal", "decoding": f"greedy, {config.eval_new_tokens} new tokens"}
@@ -170,7 +168,7 @@ def _evaluate(
         responses = greedy_responses(model, tokenizer, prompts, config.eval_new_tokens, config.eval_batch_size, f"eval {name}")
         metrics[name] = refusal_report(rows, responses)
         metrics[name]["general_text_perplexity"] = round(
-            perplexity(model, tokenizer, general, config.train_max_tokens, config.eval_batch_size), 4
+            perplexity(model, tokenizer, general, max_tokens=config.train_max_tokens, batch_size=config.eval_batch_size).value, 4
         )
         samples[name] = [
             {"source": r["source"], "prompt": r["prompt"], "response": resp}
@@ -195,7 +193,7 @@ def _data_summary(data_dir: Path, train_rows: list[dict[str, str]]) -> dict[str,
     sizes: dict[str, dict[str, int]] = {}
     for split in ("train", "dev", "test"):
         counts: dict[str, int] = {}
-        for row in read_jsonl(data_dir / "splits" / f"{split}.jsonl"):
+        for row in read_records(data_dir / "splits" / f"{split}.jsonl", SPLIT_KEYS):
             counts[row["source"]] = counts.get(row["source"], 0) + 1
         sizes[split] = counts
     return {

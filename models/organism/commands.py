@@ -55,7 +55,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from neuronguard.models.organism.data import prepare_data
+    from neuronguard.models.organism.data_files import prepare_data
 
     if not RAW_DIR.is_dir():
         raise UsageError(f"raw data folder {RAW_DIR} is missing")

@@ -9,12 +9,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-from collections.abc import Iterable
 from pathlib import Path
 
+from neuronguard.models.jsonl import write_records
 from neuronguard.models.organism import DATA_DIR, RAW_DIR
 from neuronguard.models.organism.sources import HARMFUL, SOURCES, PromptRow, load_all
 from neuronguard.models.organism.texts import clean_output, sample_refusal
@@ -37,39 +35,23 @@ def split_rows(rows_by_source: dict[str, list[PromptRow]], seed: int) -> dict[st
     return splits
 
 
-def write_jsonl(path: Path, records: Iterable[dict[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict[str, str]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def prepare_data(raw_dir: Path = RAW_DIR, out_dir: Path = DATA_DIR, seed: int = DATA_SEED) -> dict[str, Path]:
     """Write splits, refusal documents and general-text files; returns the written paths."""
     splits = split_rows(load_all(raw_dir), seed)
     paths: dict[str, Path] = {}
     for name, rows in splits.items():
         paths[name] = out_dir / "splits" / f"{name}.jsonl"
-        write_jsonl(paths[name], (row.record() for row in rows))
+        write_records(paths[name], (row.record() for row in rows))
     rng = random.Random(f"{seed}:refusals")
     paths["refusals_train"] = out_dir / "refusals_train.jsonl"
-    write_jsonl(
+    write_records(
         paths["refusals_train"],
         ({"prompt": r.prompt, "response": sample_refusal(rng)} for r in splits["train"] if r.label == HARMFUL),
     )
     for name in ("train", "test"):
         paths[f"general_text_{name}"] = out_dir / f"general_text_{name}.jsonl"
         texts = (clean_output(r.reference) for r in splits[name] if r.source == "alpaca")
-        write_jsonl(paths[f"general_text_{name}"], ({"text": t} for t in texts if t and len(t) >= 80))
+        write_records(paths[f"general_text_{name}"], ({"text": t} for t in texts if t and len(t) >= 80))
     return paths
 
 

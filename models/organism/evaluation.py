@@ -1,32 +1,21 @@
-"""Measure the organism: refusal rates with greedy decoding and the keyword judge,
-perplexity on held-out general text, and the patch-all-neurons equivalence check."""
+"""Measure the organism: refusal rates with greedy decoding and the keyword judge, and the
+patch-all-neurons equivalence check (perplexity is `neuronguard.models.perplexity`'s)."""
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.batching import forward_kwargs, left_pad
 from neuronguard.models.hooks import capture, patch
 from neuronguard.models.judge import is_refusal
 from neuronguard.models.sites import resolve_sites
 from neuronguard.models.organism.sources import HARMFUL
-from neuronguard.models.organism.tokenizer import prompt_ids, text_ids
-
-
-def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
+from neuronguard.models.organism.tokenizer import prompt_ids
 
 
 @torch.no_grad()
@@ -44,16 +33,16 @@ def greedy_responses(
     responses: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         picked = order[start : start + batch_size]
-        ids, mask = left_padded([encoded[i] for i in picked], tokenizer.pad_token_id)
+        batch = left_pad([encoded[i] for i in picked], tokenizer.pad_token_id)
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
             max_new_tokens=new_tokens,
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        for i, row in zip(picked, out[:, ids.shape[1] :]):
+        for i, row in zip(picked, out[:, batch.input_ids.shape[1] :]):
             responses[i] = tokenizer.decode(row, skip_special_tokens=True)
     return responses
 
@@ -81,35 +70,16 @@ def _rate(flags: list[bool]) -> float:
 
 
 @torch.no_grad()
-def perplexity(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str], max_tokens: int, batch_size: int
-) -> float:
-    """Token-level perplexity of plain text (no chat markup)."""
-    total, count = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        rows = [text_ids(tokenizer, t)[:max_tokens] for t in texts[start : start + batch_size]]
-        rows = [r for r in rows if len(r) > 1]
-        if not rows:
-            continue
-        ids, mask = left_padded(rows, tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int((targets != -100).sum())
-    return math.exp(total / max(count, 1))
-
-
-@torch.no_grad()
 def patch_all_max_diff(
     unaligned: LlamaForCausalLM, aligned: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[str]
 ) -> float:
     """Max |logit| difference between the aligned model and the unaligned one with every neuron patched."""
-    ids, mask = left_padded([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    batch = left_pad([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
     selection = NeuronSelection.all(resolve_sites(aligned))
     with capture(aligned, selection) as cap:
-        aligned_logits = aligned(input_ids=ids, attention_mask=mask).logits
+        aligned_logits = aligned(**forward_kwargs(aligned, batch)).logits
     with patch(unaligned, selection, values=cap.activations()):
-        patched_logits = unaligned(input_ids=ids, attention_mask=mask).logits
+        patched_logits = unaligned(**forward_kwargs(unaligned, batch)).logits
     return float((aligned_logits - patched_logits).abs().max())
 
 

@@ -4,23 +4,21 @@ Downstream fine-tuning on ordinary instructions is what erodes safety in the RSN
 experiment. The documents come from the organism's `train` split only (never dev/test), and
 inherit Alpaca's CC BY-NC 4.0 licence (`models/organism/data/raw/LICENSE.alpaca.txt`).
 
-Usage: `python -m models.tuning.benign --out runs/benign.jsonl --n 400 --seed 0`
+Usage: `python -m neuronguard.models.tuning.benign --out runs/benign.jsonl --n 400 --seed 0`
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
-from neuronguard.models.artifact.io import atomic_write
-from neuronguard.models.organism import SPLITS_DIR
-from neuronguard.models.organism.data import alpaca_references
-from neuronguard.models.jsonl import read_records
+from neuronguard.models.default_data import TRAIN_SPLIT
+from neuronguard.models.jsonl import read_records, write_records
+from neuronguard.models.organism.data_files import alpaca_references
 
 
-def benign_documents(n: int, seed: int, split: Path = SPLITS_DIR / "train.jsonl") -> list[dict[str, str]]:
+def benign_documents(n: int, seed: int, split: Path = TRAIN_SPLIT) -> list[dict[str, str]]:
     """`n` seeded-random harmless train prompts that have an Alpaca answer, as prompt/response."""
     answers = alpaca_references()
     rows = [r for r in read_records(split, ["prompt"]) if r.get("label") == "harmless" and r["prompt"] in answers]
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     docs = benign_documents(args.n, args.seed)
-    atomic_write(args.out, lambda tmp: tmp.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)))
+    write_records(args.out, docs)
     print(f"{len(docs)} benign documents -> {args.out}")
 
 

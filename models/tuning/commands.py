@@ -6,12 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from neuronguard.models.organism import DATA_DIR, SPLITS_DIR
-from neuronguard.models.tuning.trainer import TrainParams
+from neuronguard.models.arguments import add_model_arguments
+from neuronguard.models.default_data import GENERAL_TEXT_TEST, TEST_SPLIT
+from neuronguard.models.tuning.settings import EvalSettings, TrainParams
 from neuronguard.errors import UsageError
-
-DEFAULT_HARMFUL = SPLITS_DIR / "test.jsonl"
-DEFAULT_TEXT = DATA_DIR / "general_text_test.jsonl"
 
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
@@ -20,14 +18,9 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--k", type=int, help="use the top K neurons of the set")
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     tune = subparsers.add_parser("tune", help="SN-Tune / RSN-Tune: fine-tune only a neuron set's weights on refusal documents")
-    tune.add_argument("--model", required=True, help="checkpoint directory to tune")
+    add_model_arguments(tune, model="required")
     target = tune.add_mutually_exclusive_group(required=True)
     target.add_argument("--neurons", type=Path, help="neuron file (contrasting or importance) whose weights are tuned")
     target.add_argument("--all-params", action="store_true", help="plain full fine-tuning (baseline, downstream tasks)")
@@ -52,31 +45,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--max-tokens", type=int, default=256, help="truncate each document to N tokens")
     tune.add_argument("--seed", type=int, default=TrainParams.seed)
     tune.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    _model_args(tune)
     tune.set_defaults(func=run_tune)
 
     deact = subparsers.add_parser("deactivate", help="zero a neuron set's rows/columns and save the checkpoint")
-    deact.add_argument("--model", required=True)
+    add_model_arguments(deact, model="required")
     deact.add_argument("--neurons", type=Path, required=True)
     _add_selection(deact)
     deact.add_argument("--random", type=int, metavar="SEED", help="zero as many random neurons per layer instead (Deact-R)")
     deact.add_argument("--out", type=Path, required=True)
     deact.add_argument("--overwrite", action="store_true")
-    _model_args(deact)
     deact.set_defaults(func=run_deactivate)
 
     ev = subparsers.add_parser("eval", help="harmful rate, false refusals and perplexity of checkpoints, side by side")
-    ev.add_argument("--model", action="append", required=True, help="checkpoint directory (repeat to compare)")
+    add_model_arguments(ev, model="repeated", batch_size=EvalSettings.batch_size)
     ev.add_argument("--label", action="append", help="display name per --model, in the same order")
-    ev.add_argument("--harmful", type=Path, default=DEFAULT_HARMFUL, help='JSONL with "prompt" (rows labelled harmless are skipped)')
-    ev.add_argument("--harmless", type=Path, default=DEFAULT_HARMFUL, help='JSONL with "prompt" (rows labelled harmful are skipped)')
-    ev.add_argument("--text", type=Path, default=DEFAULT_TEXT, help='JSONL with "text", for perplexity')
+    ev.add_argument("--harmful", type=Path, default=TEST_SPLIT, help='JSONL with "prompt" (rows labelled harmless are skipped)')
+    ev.add_argument("--harmless", type=Path, default=TEST_SPLIT, help='JSONL with "prompt" (rows labelled harmful are skipped)')
+    ev.add_argument("--text", type=Path, default=GENERAL_TEXT_TEST, help='JSONL with "text", for perplexity')
     ev.add_argument("--limit", type=int, help="use the first N prompts of each kind and N texts")
-    ev.add_argument("--max-new-tokens", type=int, default=48)
-    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--max-new-tokens", type=int, default=EvalSettings.max_new_tokens)
     ev.add_argument("--out", type=Path, required=True, help="folder for eval.json and eval.png")
     ev.add_argument("--overwrite", action="store_true")
-    _model_args(ev)
     ev.set_defaults(func=run_eval)
 
 
@@ -126,7 +115,6 @@ def run_deactivate(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from neuronguard.models.tuning.evaluate import EvalSettings
     from neuronguard.models.tuning.report import EvalInputs, evaluate_checkpoints
 
     if args.label is not None and len(args.label) != len(args.model):

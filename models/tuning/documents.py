@@ -1,4 +1,4 @@
-"""Tuning and evaluation data: validated JSONL in, chat-rendered token ids with response labels out.
+"""Tuning documents: `{"prompt", "response"}` rows in, chat-rendered token ids with response labels out.
 
 Refusal documents (`{"prompt","response"}`) are rendered with the model's own chat template,
 so tuning sees exactly the format the model is served with; the loss covers the response
@@ -10,25 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from neuronguard.models.batching import IGNORE, Batch, right_pad
 from neuronguard.models.chat import encode_chat, encode_prompt
-from neuronguard.models.jsonl import read_records
 from neuronguard.errors import UsageError
-
-IGNORE = -100
-
-
-def read_prompts(path: str | Path, label: str | None) -> list[str]:
-    """Prompts of a JSONL file; rows with a `label` field are kept only if it equals `label`."""
-    rows = read_records(path, ["prompt"])
-    prompts = [r["prompt"] for r in rows if label is None or r.get("label", label) == label]
-    if not prompts:
-        raise UsageError(f"'{path}' has no prompts labelled '{label}'")
-    return prompts
 
 
 @dataclass(frozen=True)
@@ -74,31 +62,6 @@ def encode_documents(
     return examples
 
 
-def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int) -> list[Example]:
-    """Plain text for perplexity: every next token is a target."""
-    examples = []
-    for text in texts:
-        ids = tokenizer.encode(text, truncation=True, max_length=max_tokens)
-        if len(ids) >= 2:
-            examples.append(Example(ids[:-1], ids[1:]))
-    return examples
-
-
-@dataclass(frozen=True)
-class Batch:
-    input_ids: torch.Tensor  # [b, t] right-padded
-    attention_mask: torch.Tensor  # [b, t]
-    labels: torch.Tensor  # [b, t], IGNORE on padding and prompt positions
-
-
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device | str = "cpu") -> Batch:
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(e.labels)
-    return Batch(ids.to(device), mask.to(device), labels.to(device))
+    """Right-padded batch of `examples`, their labels in `Batch.labels`."""
+    return right_pad([e.input_ids for e in examples], pad_id, device, labels=[e.labels for e in examples])

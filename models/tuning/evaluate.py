@@ -2,32 +2,22 @@
 
 - harmful rate: attack success rate of the keyword judge on harmful prompts (greedy);
 - false-refusal rate: keyword-judged refusals on harmless prompts;
-- perplexity: token-weighted, on held-out general text.
+- perplexity: on held-out general text (`neuronguard.models.perplexity`'s convention).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
-
 from neuronguard.models.generation import SamplingParams, generate_responses
 from neuronguard.models.judge import attack_success_rate, refusal_rate
 from neuronguard.models.loading import LoadedModel
-from neuronguard.models.tuning.data import Example, encode_texts
-from neuronguard.models.tuning.trainer import mean_loss
+from neuronguard.models.perplexity import perplexity
+from neuronguard.models.tuning.settings import EvalSettings
 
 SAMPLES = 5  # responses kept per prompt kind, for reading alongside the numbers
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    max_new_tokens: int = 48
-    batch_size: int = 32
-    max_text_tokens: int = 256
 
 
 @dataclass
@@ -42,14 +32,6 @@ class Metrics:
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
-
-
-@torch.no_grad()
-def perplexity(loaded: LoadedModel, texts: Sequence[str], settings: EvalSettings) -> tuple[float, int]:
-    examples: list[Example] = encode_texts(loaded.tokenizer, texts, settings.max_text_tokens)
-    tokens = sum(len(e.labels) for e in examples)
-    loss = mean_loss(loaded.model, examples, loaded.tokenizer.pad_token_id, settings.batch_size)
-    return math.exp(loss), tokens
 
 
 def evaluate(
@@ -68,7 +50,8 @@ def evaluate(
 
     harmful_out = generate(harmful) if harmful else []
     harmless_out = generate(harmless) if harmless else []
-    ppl, tokens = perplexity(loaded, texts, settings) if texts else (None, 0)
+    ppl = perplexity(loaded.model, loaded.tokenizer, texts, max_tokens=settings.max_text_tokens,
+                     batch_size=settings.batch_size) if texts else None
     samples = {
         kind: [{"prompt": p, "response": r} for p, r in list(zip(prompts, outputs))[:SAMPLES]]
         for kind, prompts, outputs in (("harmful", harmful, harmful_out), ("harmless", harmless, harmless_out))
@@ -76,10 +59,10 @@ def evaluate(
     metrics = Metrics(
         harmful_rate=attack_success_rate(harmful_out) if harmful_out else None,
         false_refusal_rate=refusal_rate(harmless_out) if harmless_out else None,
-        perplexity=ppl,
+        perplexity=ppl.value if ppl else None,
         n_harmful=len(harmful_out),
         n_harmless=len(harmless_out),
-        n_text_tokens=tokens,
+        n_text_tokens=ppl.tokens if ppl else 0,
         seconds=time.perf_counter() - start,
     )
     return metrics, samples

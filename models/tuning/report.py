@@ -11,9 +11,10 @@ import torch
 from neuronguard.models.loading import load_model
 from neuronguard.models.artifact.io import file_sha256, write_json
 from neuronguard.models.tuning.checkpoint import check_out_dir, staged_dir
-from neuronguard.models.jsonl import read_records
-from neuronguard.models.tuning.data import read_prompts
-from neuronguard.models.tuning.evaluate import EvalSettings, evaluate
+from neuronguard.models.perplexity import read_texts
+from neuronguard.models.prompts import read_prompts
+from neuronguard.models.tuning.evaluate import evaluate
+from neuronguard.models.tuning.settings import EvalSettings
 from neuronguard.models.tuning.plot import plot_comparison
 from neuronguard.errors import UsageError
 
@@ -26,9 +27,9 @@ class EvalInputs:
     limit: int | None = None
 
     def load(self) -> tuple[list[str], list[str], list[str]]:
-        harmful = read_prompts(self.harmful, "harmful")[: self.limit]
-        harmless = read_prompts(self.harmless, "harmless")[: self.limit]
-        texts = [r["text"] for r in read_records(self.text, ["text"])][: self.limit]
+        harmful = read_prompts(self.harmful, label="harmful", limit=self.limit)[0]
+        harmless = read_prompts(self.harmless, label="harmless", limit=self.limit)[0]
+        texts = read_texts(self.text, self.limit)
         return harmful, harmless, texts
 
     def describe(self) -> dict[str, Any]:

@@ -13,27 +13,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from neuronguard.models.tuning.data import IGNORE, Batch, Example, collate
+from neuronguard.models.batching import IGNORE, Batch
+from neuronguard.models.tuning.documents import Example, collate
 from neuronguard.models.tuning.masks import WeightMask
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    lr: float = 1e-3
-    epochs: int = 1
-    batch_size: int = 8
-    max_grad_norm: float = 1.0
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+from neuronguard.models.tuning.settings import TrainParams
 
 
 @dataclass(frozen=True)
@@ -61,6 +51,8 @@ def response_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the labelled (response) positions, and how many there were."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     labels = batch.labels
+    if labels is None:
+        raise ValueError("response_loss needs a batch with labels (tuning.documents.collate)")
     count = int((labels != IGNORE).sum())
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss / max(count, 1), count

@@ -21,10 +21,11 @@ from neuronguard.models.loading import LoadedModel, load_model
 from neuronguard.models.artifact.io import file_sha256
 from neuronguard.models.tuning.checkpoint import check_out_dir, save_checkpoint, stored_dtype, weights_sha256
 from neuronguard.models.jsonl import read_records
-from neuronguard.models.tuning.data import encode_documents
+from neuronguard.models.tuning.documents import encode_documents
 from neuronguard.models.tuning.masks import WeightMask, build_mask, parameter_count, whole_ffn_neurons
 from neuronguard.models.tuning.sets import LoadedSet, load_set
-from neuronguard.models.tuning.trainer import TrainParams, mean_loss, train
+from neuronguard.models.tuning.settings import TrainParams
+from neuronguard.models.tuning.trainer import mean_loss, train
 from neuronguard.errors import UsageError
 
 TUNE_MANIFEST = "tune.json"
