@@ -27,7 +27,7 @@ from neuronguard.detector.report import plot_per_layer, plot_restoration, plot_r
 from neuronguard.models.generation import SamplingParams
 from neuronguard.models.loading import LoadedModel
 from neuronguard.models.perplexity import read_texts
-from neuronguard.models.artifact.io import file_sha256, write_json
+from neuronguard.models.artifact.io import file_sha256, weights_digest, write_json
 from neuronguard.errors import UsageError
 
 
@@ -104,8 +104,10 @@ def build_bundle(aligned: LoadedModel, unaligned: LoadedModel, out: Path, config
                 "num_hidden_layers": unaligned.sites.num_layers,
                 "intermediate_size": unaligned.sites.d_mlp,
                 "name": unaligned.name,
+                "weights_sha256": weights_digest(unaligned.name),
             },
-            "aligned_model": {"name": aligned.name, "config_sha256": aligned.fingerprint},
+            "aligned_model": {"name": aligned.name, "config_sha256": aligned.fingerprint,
+                              "weights_sha256": weights_digest(aligned.name)},
             "method": {"neurons": f"generation-time activation contrasting ({config.contrast_positions} positions, unaligned generates, greedy)",
                        "probe": "standardised logistic regression, last prompt token", "stream_probe": "same, generated tokens"},
             "data": {"dev": dev_source.to_json(), "test": test_source.to_json(),

@@ -10,6 +10,7 @@ import torch
 
 import neuronguard.cli as cli
 from neuronguard.models.artifact.bundle import load_bundle
+from neuronguard.models.artifact.io import weights_digest
 from neuronguard.models.weight_rows import WeightRowSet
 from neuronguard.models.loading import load_model
 from neuronguard.models.artifact.neurons import NeuronSet
@@ -79,6 +80,8 @@ def test_bundle_build_round_trip(tiny_llama_path, tiny_twin_path, tmp_path: Path
     bundle = load_bundle(out, load_model(tiny_llama_path))
     report = json.loads((out / "report" / "report.json").read_text())
     assert bundle.manifest["format"] == "neuronguard.bundle/1" and bundle.default_patch_k == report["patch_k"]
+    assert bundle.manifest["model"]["weights_sha256"] == weights_digest(tiny_llama_path)
+    assert bundle.manifest["aligned_model"]["weights_sha256"] == weights_digest(tiny_twin_path)
     assert bundle.stream_probe is not None and bundle.probe.k == report["probe_k"]
     assert report["sanity"]["patch_all_equals_aligned"] and report["sanity"]["self_patch_equals_unpatched"]
     assert report["patching"]["greedy"]["sweep"][-1]["top"]["restoration_log_odds"] == pytest.approx(1.0, abs=1e-4)

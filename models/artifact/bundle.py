@@ -1,7 +1,7 @@
 """Guard bundles: everything the server needs to guard one model, checked on load.
 
 Layout of a bundle directory:
-  bundle.json           manifest (model fingerprint, method, data, metrics, versions)
+  bundle.json           manifest (model fingerprint and weights digest, method, data, metrics, versions)
   neurons.safetensors   ranked safety neurons (`models.artifact.neurons.NeuronSet`)
   probe.json            prefill probe (last prompt token)
   stream_probe.json     optional probe on generated positions, to stop mid-stream
@@ -18,7 +18,7 @@ from typing import Any
 from neuronguard.models.artifact.probe import Probe
 from neuronguard.models.loading import LoadedModel
 from neuronguard.models.artifact.neurons import NeuronSet
-from neuronguard.models.artifact.io import file_sha256
+from neuronguard.models.artifact.io import file_sha256, weights_digest
 from neuronguard.errors import UsageError
 
 FORMAT = "neuronguard.bundle/1"
@@ -70,8 +70,27 @@ def check_fingerprint(path: str | Path, manifest: dict[str, Any], fingerprint: s
         )
 
 
-def load_bundle(path: str | Path, model: LoadedModel | None = None) -> Bundle:
-    """Load and validate a bundle; with `model`, refuse one made for another architecture."""
+def check_weights(path: str | Path, manifest: dict[str, Any], model_dir: str | Path, allow_mismatch: bool) -> None:
+    """Refuse a bundle fitted to other weights (the manifest's `model.weights_sha256`).
+
+    A fine-tune of the same architecture (another checkpoint, an abliterated copy) passes the
+    fingerprint check, but its safety neurons and probe thresholds were never fitted to it.
+    Nothing is checked where either digest is missing (older bundles, hub ids) or when
+    `allow_mismatch` is set.
+    """
+    expected = manifest.get("model", {}).get("weights_sha256")
+    if not expected or allow_mismatch:
+        return
+    actual = weights_digest(model_dir)
+    if actual is not None and actual != expected:
+        raise UsageError(
+            f"bundle '{path}' was built for other weights (weights_sha256 {expected[:12]}, model '{model_dir}' has "
+            f"{actual[:12]}) (fix: rebuild the bundle for these weights, or pass --allow-weights-mismatch)"
+        )
+
+
+def load_bundle(path: str | Path, model: LoadedModel | None = None, allow_weights_mismatch: bool = False) -> Bundle:
+    """Load and validate a bundle; with `model`, refuse one made for another architecture or other weights."""
     path = Path(path)
     manifest = read_manifest(path)
     neurons = NeuronSet.load(path / NEURONS, model)
@@ -88,4 +107,5 @@ def load_bundle(path: str | Path, model: LoadedModel | None = None) -> Bundle:
         probes.append(probe)
     if model is not None:
         check_fingerprint(path, manifest, model.fingerprint, model.name)
+        check_weights(path, manifest, model.name, allow_weights_mismatch)
     return Bundle(path, manifest, neurons, probes[0], probes[1] if len(probes) > 1 else None)

@@ -6,7 +6,6 @@ output is replaced only with `--overwrite`, after the new one is complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -48,20 +47,6 @@ def staged_dir(out: Path) -> Iterator[Path]:
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def weights_sha256(directory: str | Path) -> str | None:
-    """One digest over a checkpoint's weight files (None for hub ids without a local dir)."""
-    files = sorted(Path(directory).glob("*.safetensors")) + sorted(Path(directory).glob("*.bin"))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def stored_dtype(source: str) -> torch.dtype | None:

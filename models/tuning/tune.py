@@ -18,8 +18,8 @@ import transformers
 from neuronguard.models.generation import SamplingParams, generate_responses
 from neuronguard.models.judge import is_refusal
 from neuronguard.models.loading import LoadedModel, load_model
-from neuronguard.models.artifact.io import file_sha256
-from neuronguard.models.tuning.checkpoint import check_out_dir, save_checkpoint, stored_dtype, weights_sha256
+from neuronguard.models.artifact.io import file_sha256, weights_digest
+from neuronguard.models.tuning.checkpoint import check_out_dir, save_checkpoint, stored_dtype
 from neuronguard.models.jsonl import read_records
 from neuronguard.models.tuning.documents import encode_documents
 from neuronguard.models.tuning.masks import WeightMask, build_mask, parameter_count, whole_ffn_neurons
@@ -49,7 +49,7 @@ class ModelChoice:
 
 
 def _base_info(loaded: LoadedModel) -> dict[str, Any]:
-    return {"path": loaded.name, "config_sha256": loaded.fingerprint, "weights_sha256": weights_sha256(loaded.name) if Path(loaded.name).is_dir() else None}
+    return {"path": loaded.name, "config_sha256": loaded.fingerprint, "weights_sha256": weights_digest(loaded.name)}
 
 
 def _set_info(choice: SetChoice, chosen: LoadedSet) -> dict[str, Any]:
