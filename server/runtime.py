@@ -129,9 +129,12 @@ def _config_fingerprint(label: str, source: str, flag: str) -> str:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if hub_constants.HF_HUB_OFFLINE else "on the Hub"
+        if hub_constants.HF_HUB_OFFLINE:
+            where, fix = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)", "download it into the cache first"
+        else:
+            where, fix = "on the Hugging Face Hub", "check the id and your access to it"
         raise UsageError(f"{label} '{source}' is neither a checkpoint directory nor a model {where}: {reason} "
-                         f"(fix: give {flag} a local checkpoint directory, or a Hub id that is {where})") from None
+                         f"(fix: give {flag} a local checkpoint directory, or {fix})") from None
     return config_fingerprint(config)
 
 
