@@ -136,6 +136,95 @@ def test_harmful_prompt_blocked_and_harmless_answered(served: dict, client: open
     assert answered.choices[0].finish_reason != "content_filter" and answered.choices[0].message.content
 
 
+UNSUPPORTED = {
+    "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+    "tool_choice": "required",
+    "functions": [{"name": "lookup"}],
+    "function_call": "auto",
+    "parallel_tool_calls": True,
+    "response_format": {"type": "json_object"},
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"},
+    "web_search_options": {},
+    "reasoning_effort": "low",
+    "verbosity": "low",
+    "store": True,
+}
+
+
+def test_each_unsupported_parameter_is_a_400_naming_it(served: dict, client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": served["harmless"][0]}]
+    schema = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+    for field, value in [*UNSUPPORTED.items(), ("response_format", schema)]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="m", messages=messages, max_tokens=4, **{field: value})
+        assert err.value.status_code == 400 and err.value.param == field, field
+        assert err.value.code == "unsupported_parameter", field
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="m", prompt="Once", echo=True)
+    assert err.value.param == "echo" and err.value.code == "unsupported_parameter"
+
+
+def test_logprobs_penalties_and_two_choices_plain_and_streaming(served: dict, client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": served["harmless"][0]}]
+    greedy = {"model": "m", "messages": messages, "max_tokens": 12, "temperature": 0, "frequency_penalty": 1.5,
+              "presence_penalty": 0.5, "logprobs": True, "top_logprobs": 2}
+    plain = client.chat.completions.create(**greedy)
+    content = plain.choices[0].logprobs.content
+    assert len(content) == plain.usage.completion_tokens > 0 and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)
+    assert plain.system_fingerprint.startswith("fp_")
+    chunks = list(client.chat.completions.create(**greedy, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert {c.system_fingerprint for c in chunks} == {plain.system_fingerprint}
+
+    sampled = {"model": "m", "messages": messages, "max_tokens": 12, "temperature": 0.8, "seed": 11, "n": 2}
+    two = client.chat.completions.create(**sampled)
+    assert [c.index for c in two.choices] == [0, 1] and all(c.model_extra["guard"] for c in two.choices)
+    texts = ["", ""]
+    for chunk in client.chat.completions.create(**sampled, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in two.choices]
+    second = client.chat.completions.create(**{**sampled, "n": 1, "seed": 12})
+    assert second.choices[0].message.content == two.choices[1].message.content  # choice i samples with seed + i
+
+
+def test_legacy_completions_plain_and_streaming(served: dict, client: openai.OpenAI) -> None:
+    prompt = served["harmless"][0]
+    plain = client.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0, logprobs=2)
+    choice = plain.choices[0]
+    assert plain.object == "text_completion" and choice.finish_reason in ("stop", "length", "content_filter")
+    assert len(choice.logprobs.tokens) == plain.usage.completion_tokens and plain.model_extra["guard"]["stage"]
+    chunks = list(client.completions.create(model="m", prompt=[prompt, prompt], max_tokens=12, temperature=0, stream=True))
+    texts = ["", ""]
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [choice.text] * 2 or choice.finish_reason == "content_filter"
+
+
+def test_models_and_moderation_categories_for_typed_clients(served: dict, client: openai.OpenAI) -> None:
+    model = client.models.list().data[0].id
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model")
+    assert err.value.code == "model_not_found"
+    result = client.moderations.create(input=served["harmful"][0]).results[0]
+    assert result.categories.violence is False and result.category_scores.violence == 0.0
+    assert result.categories.self_harm_intent is False and result.category_applied_input_types.hate == []
+    assert result.categories.model_extra["harmful"] == result.flagged
+
+
+def test_every_log_line_is_json(served: dict) -> None:
+    """No progress bar or library warning breaks the one-object-per-line log stream."""
+    lines = [line for line in served["log"].read_text().splitlines() if line.strip()]
+    assert lines and all(json.loads(line)["level"] for line in lines)
+
+
 def test_wrong_api_key_is_rejected(served: dict) -> None:
     bad = openai.OpenAI(base_url=f"{served['base']}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:
