@@ -17,10 +17,12 @@ from types import FrameType
 from typing import Any
 
 from neuronguard.errors import UsageError
+from neuronguard.models.arguments import add_model_arguments
 from neuronguard.server.guard import GUARD_MODES
 
 _SWITCH = {"action": argparse.BooleanOptionalAction}
-# (flag, Settings field, argparse options); tests check this covers every field of Settings.
+# (flag, Settings field, argparse options); with the shared model flags (MODEL_FLAGS) they cover every
+# field of Settings (a test checks).
 _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--model", "model", {"metavar": "PATH_OR_ID", "help": "served model (default: the built-in unaligned organism)"}),
     ("--bundle", "bundle", {"metavar": "DIR", "help": "guard bundle for the model (default: the organism's); "
@@ -33,8 +35,6 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--host", "host", {"help": "bind address (default 127.0.0.1)"}),
     ("--port", "port", {"type": int, "help": "port (default 8000)"}),
     ("--api-key", "api_keys", {"action": "append", "metavar": "KEY", "help": "accepted Bearer key (repeatable)"}),
-    ("--device", "device", {"help": "auto, cpu, cuda, cuda:N (default auto)"}),
-    ("--dtype", "dtype", {"help": "auto, float32, bfloat16, float16 (default auto)"}),
     ("--guard-mode", "guard_mode", {"choices": GUARD_MODES, "help": "server guard policy (default block)"}),
     ("--patch-k", "patch_k", {"type": int, "help": "neurons patched live (default: the bundle's)"}),
     ("--max-queue", "max_queue", {"type": int, "help": "queued jobs (one per choice) before 503 (default 64)"}),
@@ -47,15 +47,21 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--log-level", "log_level", {"choices": ("debug", "info", "warning", "error"), "help": "default info"}),
     ("--log-prompts", "log_prompts", {**_SWITCH, "help": "log prompt text (default off)"}),
     ("--allow-guard-override", "allow_guard_override", {**_SWITCH, "help": "let requests weaken the guard (default off)"}),
+    ("--allow-weights-mismatch", "allow_weights_mismatch",
+     {**_SWITCH, "help": "serve a bundle fitted to other weights of the same architecture (default off)"}),
 )
+MODEL_FLAGS = ("device", "dtype")  # from add_model_arguments: one spelling and default for every command
+SETTINGS = tuple(dest for _, dest, _ in _FLAGS) + MODEL_FLAGS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve a model behind the safety-neuron guard (OpenAI-compatible API)",
-                                   description=__doc__.splitlines()[0])
+                                   description=__doc__.splitlines()[0],
+                                   epilog="Every flag is also an environment variable: --max-queue is NEURONGUARD_MAX_QUEUE.")
     for flag, dest, options in _FLAGS:
         options = {**options, "help": f"{options['help']} [env NEURONGUARD_{dest.upper()}]"}
         parser.add_argument(flag, dest=dest, default=None, **options)
+    add_model_arguments(parser, defaults=False)  # --device, --dtype
     parser.set_defaults(func=serve)
 
 
@@ -89,7 +95,7 @@ def serve(args: argparse.Namespace) -> int:
     from neuronguard.server.logging import configure_logging
     from neuronguard.server.settings import Settings
 
-    overrides = {dest: getattr(args, dest) for _, dest, _ in _FLAGS if getattr(args, dest) is not None}
+    overrides = {dest: getattr(args, dest) for dest in SETTINGS if getattr(args, dest) is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:

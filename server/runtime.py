@@ -1,7 +1,8 @@
 """What the lifespan loads: the served model, its guard bundle and the patch source.
 
-`preflight` runs every check that needs no weights (guard settings, device, the model and
-patch source resolvable and of one architecture, the bundle made for the model) before the
+`preflight` runs every check that loads no weights (guard settings, device, the model and
+patch source resolvable and of one architecture, the bundle made for the model and its
+weights) before the
 port is bound, so a mistake stops start-up with one line and its fix; `load_runtime` does
 the slow loading inside the app's lifespan. Without a bundle (`--guard-mode off`) the
 model is served unguarded.
@@ -19,7 +20,7 @@ from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig
 
 from neuronguard.errors import UsageError
-from neuronguard.models.artifact.bundle import Bundle, check_fingerprint, load_bundle, read_manifest
+from neuronguard.models.artifact.bundle import Bundle, check_fingerprint, check_weights, load_bundle, read_manifest
 from neuronguard.models.artifact.neurons import NeuronSelection
 from neuronguard.models.artifact.probe import Probe, probes_readout
 from neuronguard.models.generation import PatchSource, stop_ids
@@ -146,7 +147,9 @@ def preflight(settings: Settings) -> None:
     model_fingerprint = _config_fingerprint("model", settings.model, "--model")
     if settings.bundle is None:
         return
-    check_fingerprint(settings.bundle, read_manifest(settings.bundle), model_fingerprint, settings.model)
+    manifest = read_manifest(settings.bundle)
+    check_fingerprint(settings.bundle, manifest, model_fingerprint, settings.model)
+    check_weights(settings.bundle, manifest, settings.model, settings.allow_weights_mismatch)
     if settings.patch_source is not None:
         source_fingerprint = _config_fingerprint("patch source", settings.patch_source, "--patch-source")
         if source_fingerprint != model_fingerprint:
@@ -161,7 +164,9 @@ def load_runtime(settings: Settings) -> Runtime:
     """Load model, bundle and patch source; raise `UsageError` with a clear message on a mismatch."""
     check_guard_settings(settings)
     loaded = load_model(settings.model, settings.device, settings.dtype)
-    bundle = load_bundle(settings.bundle, loaded) if settings.bundle is not None else None
+    bundle = None
+    if settings.bundle is not None:
+        bundle = load_bundle(settings.bundle, loaded, allow_weights_mismatch=settings.allow_weights_mismatch)
     probe_selection = readout = patch_source = None
     if bundle is None:
         log.warning("serving without a guard: no bundle and guard mode 'off'; requests cannot ask for one")

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from neuronguard.models.arguments import DEFAULT_DEVICE, DEFAULT_DTYPE
 from neuronguard.models.organism import ORGANISM_DIR
 from neuronguard.server.guard import GuardMode
 
@@ -48,14 +49,16 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     # Comma-separated or a JSON list in NEURONGUARD_API_KEYS; empty means no authentication.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = DEFAULT_DEVICE
+    dtype: str = DEFAULT_DTYPE
     guard_mode: GuardMode = "block"
     patch_k: int | None = Field(None, ge=1)  # None: the bundle's default
     max_queue: int = Field(64, ge=1)
     max_tokens_default: int = Field(256, ge=1)
     log_prompts: bool = False
     allow_guard_override: bool = False
+    # Serve a bundle whose recorded weights digest differs (a fine-tune of the same architecture).
+    allow_weights_mismatch: bool = False
     max_body_bytes: int = Field(1_000_000, ge=1024)
     refusal_message: str = "I can't help with that request."
     graceful_shutdown_s: float = Field(30.0, ge=0)

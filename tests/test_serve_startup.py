@@ -6,7 +6,9 @@ environment variable; the parser imports nothing heavy.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,9 +18,11 @@ from pathlib import Path
 import pytest
 
 from neuronguard.cli import main as cli_main
+from neuronguard.errors import UsageError
+from neuronguard.models.artifact.bundle import MANIFEST
 from neuronguard.models.organism import ORGANISM_DIR
 from neuronguard.server import commands
-from neuronguard.server.runtime import ORGANISM_NAME, preflight, served_names
+from neuronguard.server.runtime import ORGANISM_NAME, load_runtime, preflight, served_names
 from neuronguard.server.settings import Settings
 from testkit.server_support import bundle_path, settings  # noqa: F401 - fixtures
 from testkit.tiny_models import build_tiny
@@ -88,6 +92,22 @@ def test_a_port_in_use_stops_start_up_before_anything_loads(settings, capsys, mo
     assert elapsed < 30  # no model was loaded (the organism takes longer on this machine's CPUs)
 
 
+def test_a_bundle_fitted_to_other_weights_needs_the_override(settings, tmp_path, capsys) -> None:
+    bundle = shutil.copytree(settings.bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["model"]["weights_sha256"] = "0" * 64  # fitted to another fine-tune of the same architecture
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    argv = ["--model", settings.model, "--bundle", str(bundle), "--patch-source", "none", "--port", "0"]
+    line = serve_error(argv, capsys)
+    assert "other weights" in line and "--allow-weights-mismatch" in line
+    other = settings.model_copy(update={"bundle": str(bundle), "patch_source": None})
+    with pytest.raises(UsageError, match="other weights"):
+        load_runtime(other)
+    allowed = other.model_copy(update={"allow_weights_mismatch": True})
+    preflight(allowed)
+    assert load_runtime(allowed).bundle is not None
+
+
 def test_cuda_on_a_cpu_host_is_refused_before_binding(settings, capsys, no_loading) -> None:
     import torch
 
@@ -98,18 +118,18 @@ def test_cuda_on_a_cpu_host_is_refused_before_binding(settings, capsys, no_loadi
 
 
 def test_every_setting_is_a_flag_and_an_environment_variable(monkeypatch) -> None:
-    flags = {dest: flag for flag, dest, _ in commands._FLAGS}
-    assert set(flags) == set(Settings.model_fields)
+    flags = commands.SETTINGS
+    assert sorted(flags) == sorted(Settings.model_fields)
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--served-model-name", "a", "--served-model-name", "b", "--refusal-message", "no",
                               "--max-tokens-default", "9", "--graceful-shutdown-s", "2.5", "--no-log-prompts",
-                              "--log-level", "warning", "--bundle", "none"])
+                              "--log-level", "warning", "--bundle", "none", "--device", "cpu", "--allow-weights-mismatch"])
     given = {dest: getattr(args, dest) for dest in flags if getattr(args, dest) is not None}
     parsed = Settings(**given)
     assert parsed.served_model_name == ["a", "b"] and parsed.refusal_message == "no" and parsed.max_tokens_default == 9
     assert parsed.graceful_shutdown_s == 2.5 and parsed.log_prompts is False and parsed.log_level == "warning"
-    assert parsed.bundle is None
+    assert parsed.bundle is None and parsed.device == "cpu" and parsed.allow_weights_mismatch
     for name, value in (("SERVED_MODEL_NAME", "x,y"), ("REFUSAL_MESSAGE", "nope"), ("MAX_TOKENS_DEFAULT", "5"),
                         ("GRACEFUL_SHUTDOWN_S", "1"), ("LOG_LEVEL", "ERROR"), ("BUNDLE", "none")):
         monkeypatch.setenv(f"NEURONGUARD_{name}", value)
