@@ -4,17 +4,16 @@ Request types are strict where OpenAI's are (`"max_tokens": "4"` or `"stream": "
 400). Every OpenAI request field is either implemented or declared here as unsupported, so
 a value that would change the answer (tools, JSON mode, audio, ...) is a 400 naming the
 field with code `unsupported_parameter`, never ignored. Fields OpenAI does not define are
-accepted and logged by name (`unknown_fields`), as vLLM does.
+accepted and logged by name (`services.common.log_unknown_fields`), as vLLM does.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -37,46 +36,43 @@ def _encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
-# Declared OpenAI fields this server does not implement; left out of the OpenAPI schema.
-Unsupported = SkipJsonSchema[Any]
 
 
-def _only(*allowed: Any) -> Callable[[Any], bool]:
-    return lambda value: value in allowed
-
-
-# Per unsupported field: the values that ask for nothing (besides null), and how to fix the request.
-_HARMLESS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (_only([]), "tool calling is not implemented"),
-    "tool_choice": (_only("none"), "tool calling is not implemented; only \"none\" is accepted"),
-    "functions": (_only([]), "function calling is not implemented"),
-    "function_call": (_only("none"), "function calling is not implemented; only \"none\" is accepted"),
-    "parallel_tool_calls": (_only(False), "tool calling is not implemented"),
-    "response_format": (_only({"type": "text"}), "JSON mode and structured outputs are not implemented; "
-                                                 "only {\"type\": \"text\"} is accepted"),
-    "audio": (_only(), "audio output is not implemented"),
-    "modalities": (_only(["text"]), "only [\"text\"] is accepted"),
-    "prediction": (_only(), "predicted outputs are not implemented"),
-    "web_search_options": (_only(), "web search is not implemented"),
-    "reasoning_effort": (_only(), "the served model has no reasoning setting"),
-    "verbosity": (_only(), "the served model has no verbosity setting"),
-    "store": (_only(False), "completions are not stored; only false is accepted"),
-    "echo": (_only(False), "echoing the prompt is not implemented; only false is accepted"),
-    "suffix": (_only(), "insertion (suffix) is not implemented"),
-    "best_of": (_only(1), "best_of is not implemented; use n"),
-    "name": (_only(), "message names are not passed to the chat template"),
-    "tool_calls": (_only([]), "tool calling is not implemented"),
-    "tool_call_id": (_only(), "tool calling is not implemented"),
-    "refusal": (_only(), "assistant refusals are not passed to the chat template"),
+# Per unsupported field: the values that ask for nothing (null always does), and why the rest are refused.
+_HARMLESS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "tools": (([],), "tool calling is not implemented"),
+    "tool_choice": (("none",), "tool calling is not implemented; only \"none\" is accepted"),
+    "functions": (([],), "function calling is not implemented"),
+    "function_call": (("none",), "function calling is not implemented; only \"none\" is accepted"),
+    "parallel_tool_calls": ((False,), "tool calling is not implemented"),
+    "response_format": (({"type": "text"},), "JSON mode and structured outputs are not implemented; "
+                                             "only {\"type\": \"text\"} is accepted"),
+    "audio": ((), "audio output is not implemented"),
+    "modalities": ((["text"],), "only [\"text\"] is accepted"),
+    "prediction": ((), "predicted outputs are not implemented"),
+    "web_search_options": ((), "web search is not implemented"),
+    "reasoning_effort": ((), "the served model has no reasoning setting"),
+    "verbosity": ((), "the served model has no verbosity setting"),
+    "store": ((False,), "completions are not stored; only false is accepted"),
+    "echo": ((False,), "echoing the prompt is not implemented; only false is accepted"),
+    "suffix": ((), "insertion (suffix) is not implemented"),
+    "best_of": ((1,), "best_of is not implemented; use n"),
+    "name": ((), "message names are not passed to the chat template"),
+    "tool_calls": (([],), "tool calling is not implemented"),
+    "tool_call_id": ((), "tool calling is not implemented"),
+    "refusal": ((), "assistant refusals are not passed to the chat template"),
 }
 
 
 def _reject_unsupported(value: Any, info: ValidationInfo) -> Any:
-    name = info.field_name or ""
-    harmless, why = _HARMLESS[name]
-    if value is None or harmless(value):
+    harmless, why = _HARMLESS[info.field_name or ""]
+    if value is None or value in harmless:
         return value
     raise PydanticCustomError(UNSUPPORTED, "not supported by this server: {why}", {"why": why})
+
+
+# A declared OpenAI field this server does not implement (a 400 unless harmless); not in the OpenAPI schema.
+Unsupported = SkipJsonSchema[Annotated[Any, BeforeValidator(_reject_unsupported)]]
 
 
 class ErrorBody(BaseModel):
@@ -96,17 +92,6 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
-def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
-    """Dotted paths of the fields a request sent that OpenAI's schema does not define."""
-    found = [f"{prefix}{name}" for name in (model.model_extra or {})]
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        for i, item in enumerate(value if isinstance(value, list) else [value]):
-            if isinstance(item, BaseModel):
-                found += unknown_fields(item, f"{prefix}{name}.{i}." if isinstance(value, list) else f"{prefix}{name}.")
-    return found
-
-
 class TextPart(_Request):
     type: Literal["text"]
     text: Text
@@ -121,9 +106,6 @@ class ChatMessage(_Request):
     function_call: Unsupported = None
     audio: Unsupported = None
     refusal: Unsupported = None
-
-    _unsupported = field_validator("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal",
-                                   mode="before")(_reject_unsupported)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -203,10 +185,6 @@ class ChatCompletionRequest(GenerationRequest):
     reasoning_effort: Unsupported = None
     verbosity: Unsupported = None
 
-    _unsupported = field_validator("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-                                   "response_format", "audio", "modalities", "prediction", "web_search_options",
-                                   "reasoning_effort", "verbosity", "store", mode="before")(_reject_unsupported)
-
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
@@ -228,8 +206,6 @@ class CompletionRequest(GenerationRequest):
     echo: Unsupported = None
     suffix: Unsupported = None
     best_of: Unsupported = None
-
-    _unsupported = field_validator("echo", "suffix", "best_of", "store", mode="before")(_reject_unsupported)
 
     @field_validator("prompt")
     @classmethod
@@ -303,14 +279,10 @@ def completion_id(prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _now() -> int:
-    return int(time.time())
-
-
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
+    created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     system_fingerprint: str
     choices: list[Choice]
@@ -355,7 +327,7 @@ class Completion(BaseModel):
 
     id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
+    created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     system_fingerprint: str
     choices: list[CompletionChoice]

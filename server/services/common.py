@@ -20,7 +20,7 @@ from neuronguard.models.chat import encode_chat
 from neuronguard.server.errors import APIError, guard_error, overloaded
 from neuronguard.server.guard import GuardPolicy, PolicyError, resolve_policy
 from neuronguard.server.metrics import Metrics
-from neuronguard.server.protocol import ChatMessage, GuardOptions, unknown_fields
+from neuronguard.server.protocol import ChatMessage, GuardOptions
 from neuronguard.server.runtime import Runtime
 from neuronguard.server.scheduler import JobBody, JobHandle, Overloaded, Scheduler
 from neuronguard.server.settings import Settings
@@ -174,6 +174,17 @@ def request_id(request: Request) -> str | None:
 
 def log_extra(request: Request, **fields: Any) -> dict[str, Any]:
     return {"request_id": request_id(request), **fields}
+
+
+def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields a request sent that OpenAI's schema does not define."""
+    found = [f"{prefix}{name}" for name in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, BaseModel):
+                found += unknown_fields(item, f"{prefix}{name}.{i}." if isinstance(value, list) else f"{prefix}{name}.")
+    return found
 
 
 def log_unknown_fields(request: Request, body: BaseModel) -> None:
