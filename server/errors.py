@@ -6,7 +6,6 @@ answered with a generic message.
 
 from __future__ import annotations
 
-import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -53,10 +52,6 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
-
-    def sse(self) -> str:
-        """The error as a server-sent event, for a stream that already started."""
-        return f"data: {json.dumps(self.body())}\n\n"
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from neuronguard.models.generation import SamplingParams
 from neuronguard.server.errors import APIError
-from neuronguard.server.protocol import Usage, GenerationRequest
+from neuronguard.server.protocol import GenerationRequest, Usage
 from neuronguard.server.scheduler import JobHandle
 from neuronguard.server.services.common import ServiceContext, fail_closed, request_id, settle, submit
 from neuronguard.server.services.generation import GenerationJob, GenerationResult, TextDelta, run_generation
@@ -155,7 +155,7 @@ async def stream(request: Request, choices: Choices, renderer: Renderer, *, incl
                 yield sse(renderer.usage(usage(prompt_tokens, ordered)))
             done(ordered)
         except Exception as exc:  # fail closed mid-stream: no more content, an error event instead
-            yield fail_closed(exc, request_id(request)).sse()
+            yield sse(fail_closed(exc, request_id(request)).body())
         finally:
             choices.cancel()  # no-op when finished; stops decoding when the client went away
             await events.aclose()
