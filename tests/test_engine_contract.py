@@ -298,30 +298,37 @@ def test_greedy_and_seeded_sampling_share_a_batch(setup: Setup) -> None:
 
 
 def test_bad_requests_are_refused_and_hooks_leave_with_the_engine(setup: Setup) -> None:
+    with GuardedBatchEngine(setup.served, config=EngineConfig(num_blocks=8, page_size=8, max_batch_tokens=16)) as bare:
+        for expected, flags in (("readout", {"readout": True}), ("patch source", {"patch": True})):
+            with pytest.raises(ValueError, match=expected):
+                bare.submit(EngineRequest((5,), SamplingParams(max_new_tokens=4), **flags))
     model = setup.served.model
     attention = model.config._attn_implementation
-    engine = GuardedBatchEngine(setup.served, config=EngineConfig(num_blocks=8, page_size=8, max_batch_tokens=16))
-    assert count_hooks(model) > 0
     bad = {
         "no tokens": EngineRequest((), SamplingParams()),
         "token ids": EngineRequest((5, 320), SamplingParams()),
         "max_new_tokens": EngineRequest((5,), SamplingParams(max_new_tokens=0)),
         "capacity": EngineRequest((5,) * 60, SamplingParams(max_new_tokens=10)),
         "top_p": EngineRequest((5,), SamplingParams(max_new_tokens=4, temperature=1.0, top_p=0.0)),
-        "readout": EngineRequest((5,), SamplingParams(max_new_tokens=4), readout=True),
-        "patch source": EngineRequest((5,), SamplingParams(max_new_tokens=4), patch=True),
     }
-    for expected, request in bad.items():
-        with pytest.raises(ValueError, match=expected):
-            engine.submit(request)
-    events = list(engine.submit(EngineRequest((5, 6, 7), SamplingParams(max_new_tokens=3))).events(timeout=60))
+    alone = reference(setup, [5, 6, 7], SamplingParams(max_new_tokens=4), patch=True)
+    # The context manager shuts the engine down on errors too: its thread would keep the process alive.
+    config = EngineConfig(num_blocks=8, page_size=8, max_batch_tokens=16)
+    with GuardedBatchEngine(setup.served, readout=setup.readout, patch_source=setup.source, config=config) as engine:
+        assert count_hooks(model) > 0
+        with engine.exclusive():  # the loop waits and the engine's hooks stay idle for this caller's decode
+            paused = reference(setup, [5, 6, 7], SamplingParams(max_new_tokens=4), patch=True)
+        assert paused.tokens == alone.tokens
+        torch.testing.assert_close(torch.stack(paused.logits), torch.stack(alone.logits), atol=0, rtol=0)
+        for expected, request in bad.items():
+            with pytest.raises(ValueError, match=expected):
+                engine.submit(request)
+        events = list(engine.submit(EngineRequest((5, 6, 7), SamplingParams(max_new_tokens=3))).events(timeout=60))
+        engine.shutdown()
     assert len(tokens_of(events)) == 3 and isinstance(events[-1], FinishedEvent)
-    engine.shutdown()
-    engine.shutdown()
     assert count_hooks(model) == 0 and model.config._attn_implementation == attention
     with pytest.raises(RuntimeError, match="not running"):
         engine.submit(EngineRequest((5,), SamplingParams(max_new_tokens=4)))
-    assert not any(isinstance(e, ErrorEvent) for e in events)
 
 
 def test_a_failing_step_fails_every_request_closed(setup: Setup) -> None:

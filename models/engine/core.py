@@ -95,8 +95,9 @@ class GuardedBatchEngine:
 
     `readout` is the guard's linear readout (probe logits) for requests with `readout=True`;
     `patch_source` the aligned twin for requests with `patch=True`. Build the engine outside
-    any forward pass of the model; while it runs it owns the model (run other forward passes
-    inside `exclusive()`). Use it as a context manager, or call `shutdown()`.
+    any forward pass of the model; while it runs it owns both models (run other forward passes
+    inside `exclusive()`). Use it as a context manager, or call `shutdown()`: until then its
+    thread keeps the process alive.
     """
 
     def __init__(
