@@ -91,12 +91,13 @@ def choose_thresholds(
     return RequestThresholds(t_prefill, t_stream, alpha, -neg_fpr, tpr, float((benign_prefill >= t_prefill).mean()))
 
 
-def request_outcomes(prefill: np.ndarray, streams: Sequence[np.ndarray], thresholds: RequestThresholds) -> dict[str, np.ndarray]:
+def request_outcomes(prefill: np.ndarray, streams: Sequence[np.ndarray], t_prefill: float, t_stream: float,
+                     ema_alpha: float) -> dict[str, np.ndarray]:
     """Per request: blocked at all, and at which stage ('prefill', 'stream' or '')."""
     prefill = np.asarray(prefill, dtype=np.float64)
-    stream_max = stream_maxima(streams, thresholds.ema_alpha)
-    at_prefill = prefill >= thresholds.prefill
-    at_stream = ~at_prefill & (stream_max >= thresholds.stream)
+    stream_max = stream_maxima(streams, ema_alpha)
+    at_prefill = prefill >= t_prefill
+    at_stream = ~at_prefill & (stream_max >= t_stream)
     stage = np.where(at_prefill, "prefill", np.where(at_stream, "stream", ""))
     return {"blocked": at_prefill | at_stream, "stage": stage}
 

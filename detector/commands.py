@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from neuronguard.detector.sweeps import DEFAULT_FRACTIONS, RANDOM_SEEDS
 from neuronguard.models.arguments import MODEL_HELP, add_model_arguments, load_from_args
 from neuronguard.models.artifact.io import file_sha256, write_json
-from neuronguard.models.default_data import DEV_SPLIT, TEST_SPLIT
+from neuronguard.models.default_data import DEV_SPLIT, HELDOUT_SPLIT, TEST_SPLIT
 from neuronguard.errors import UsageError
 
 if TYPE_CHECKING:
@@ -223,7 +223,11 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
     from neuronguard.models.artifact.bundle import load_bundle
 
     aligned, unaligned = _pair(args)
-    config = BuildConfig(dev=args.dev, test=args.test, texts=args.texts, patch_fraction=args.patch_fraction,
+    heldout = None if str(args.heldout) == "none" else args.heldout
+    if not 0 < args.target_fpr < 1:
+        raise UsageError("--target-fpr must lie strictly between 0 and 1")
+    config = BuildConfig(dev=args.dev, test=args.test, heldout=heldout, texts=args.texts, patch_fraction=args.patch_fraction,
+                         request_fpr=args.target_fpr, eval_per_cell=args.eval_per_cell,
                          probe_fraction=args.probe_fraction, stream_probe_fraction=args.stream_probe_fraction, fractions=args.fractions, seeds=args.seeds, target_fpr=args.fpr,
                          eval_prompts=args.eval_prompts, batch_size=args.batch_size, seed=args.seed,
                          contrast_new_tokens=args.max_new_tokens, contrast_positions=args.positions,
@@ -317,6 +321,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dev", type=Path, default=DEV_SPLIT, help="labelled split that fits neurons and probes (default: the organism's dev split)")
     p.add_argument("--test", type=Path, default=TEST_SPLIT, help="labelled split the report is measured on (default: the organism's test split)")
+    p.add_argument("--heldout", type=Path, default=HELDOUT_SPLIT,
+                   help="labelled split of sources kept out of dev, reported beside test (default: the organism's; 'none' to skip)")
+    p.add_argument("--target-fpr", type=float, default=0.02,
+                   help="share of benign dev requests (prefill + stream together) the shipped thresholds block (default: 0.02)")
+    p.add_argument("--eval-per-cell", type=int, default=40,
+                   help="requests per (source, style) in the test and held-out guard evaluation (default: 40)")
     p.add_argument("--texts", type=Path, default=None, help="held-out general text for perplexity")
     p.add_argument("--patch-fraction", type=float, default=0.05)
     p.add_argument("--probe-fraction", type=float,

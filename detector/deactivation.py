@@ -11,7 +11,7 @@ from contextlib import nullcontext
 
 from neuronguard.detector.patching import run_generation
 from neuronguard.detector.scoring import RefusalLogOdds
-from neuronguard.detector.sweeps import RANDOM_SEEDS
+from neuronguard.detector.sweeps import RANDOM_SEEDS, spread
 from neuronguard.models.generation import SamplingParams
 from neuronguard.models.hooks import zero
 from neuronguard.models.loading import LoadedModel
@@ -48,4 +48,6 @@ def deactivation_eval(
                 entry["perplexity"] = perplexity(aligned.model, aligned.tokenizer, texts, max_tokens=text_tokens,
                                                  batch_size=batch_size).value
         results[name] = entry
+    randoms = [results[f"random_{seed}"] for seed in random_seeds]
+    results["random_spread"] = {key: spread([r[key] for r in randoms]) for key in randoms[0]} if randoms else {}
     return results

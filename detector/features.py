@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from neuronguard.detector.forward import chunks, pad_batch
 from neuronguard.models.batching import forward_kwargs
-from neuronguard.models.chat import encode_prompt
+from neuronguard.models.chat import Request, encode_prompt
 from neuronguard.models.generation import SamplingParams, decode, stop_ids
 from neuronguard.models.artifact.neurons import NeuronSelection
 from neuronguard.models.hooks import capture
@@ -23,7 +23,7 @@ from neuronguard.models.loading import LoadedModel
 
 
 @torch.inference_mode()
-def last_token_features(model: LoadedModel, prompts: Sequence[str], selection: NeuronSelection, batch_size: int = 32) -> torch.Tensor:
+def last_token_features(model: LoadedModel, prompts: Sequence[Request], selection: NeuronSelection, batch_size: int = 32) -> torch.Tensor:
     """[n, k] activations at the last prompt token (left padding puts it at position -1)."""
     out = []
     with capture(model.model, selection, sites=model.sites, positions="last") as cap:
@@ -35,22 +35,26 @@ def last_token_features(model: LoadedModel, prompts: Sequence[str], selection: N
     return torch.cat(out)
 
 
-def generated_features(
-    model: LoadedModel, prompts: Sequence[str], selection: NeuronSelection, params: SamplingParams, batch_size: int = 32
-) -> list[torch.Tensor]:
-    """Per prompt, [t, k] activations at its generated tokens (stop token excluded)."""
+def decoded_features(
+    model: LoadedModel, prompts: Sequence[Request], selection: NeuronSelection, params: SamplingParams, batch_size: int = 32
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One decode per batch, as the server runs it: ([n, k] activations at each prompt's last token,
+    per prompt [t, k] activations at its generated tokens, stop token excluded)."""
     if not params.stop_token_ids:
         params = SamplingParams(**{**params.__dict__, "stop_token_ids": stop_ids(model.tokenizer, model.model)})
+    prefill: list[torch.Tensor] = []
     per_prompt: list[torch.Tensor] = []
-    for part in tqdm(list(chunks(prompts, batch_size)), desc="stream features", unit="batch", leave=False):
+    for part in tqdm(list(chunks(prompts, batch_size)), desc="decoded features", unit="batch", leave=False):
         batch = pad_batch(model, [encode_prompt(model.tokenizer, p) for p in part])
         rows: list[list[torch.Tensor]] = [[] for _ in part]
         alive = torch.ones(len(part), dtype=torch.bool)
         for step in decode(model.model, batch, params, sites=model.sites, probe=selection):
-            if step.index > 0:  # step i reads generated token i-1; step 0 is the last prompt token
+            if step.index == 0:  # step 0 reads the last prompt token; step i reads generated token i-1
+                prefill.append(step.probe_activations.cpu())
+            else:
                 for row in torch.nonzero(alive).flatten().tolist():
                     rows[row].append(step.probe_activations[row].cpu())
             alive &= ~step.finished.cpu()
         empty = torch.empty(0, len(selection))
         per_prompt += [torch.stack(r) if r else empty for r in rows]
-    return per_prompt
+    return torch.cat(prefill), per_prompt

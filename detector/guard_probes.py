@@ -1,44 +1,66 @@
-"""Guard probes end to end: features on dev, fit, threshold, metrics on held-out test prompts.
+"""Guard probes end to end: features on dev, fit, request-level thresholds, metrics on unseen requests.
 
-Labels are the prompts' labels (harmful vs harmless): the unaligned organism complies with
-nearly every harmful prompt, so "the generation would be harmful" equals "the prompt is
-harmful" for the model the server guards. Safety-neuron probes are compared with probes on
-random neurons with the same per-layer counts.
+Labels are the requests' labels (harmful vs benign): the unaligned organism complies with
+nearly every harmful request, so "the generation would be harmful" equals "the request is
+harmful" for the model the server guards. Every probe is reported beside its controls:
+probes on random neurons with the same per-layer counts (many seeds) and a TF-IDF text
+classifier fitted on the same dev requests.
+
+Thresholds are chosen for whole requests (`detector.calibration`): a benign request is
+blocked if its prefill score or any smoothed stream score crosses its threshold, so both are
+chosen together on out-of-fold dev scores, from generations sampled as the server samples.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from neuronguard.detector.features import generated_features, last_token_features
+from neuronguard.detector.calibration import RequestThresholds, choose_thresholds, tpr_at_request_fpr
+from neuronguard.detector.features import decoded_features, last_token_features
+from neuronguard.detector.probe_training import (
+    evaluate_scores,
+    group_max,
+    out_of_fold_auroc,
+    out_of_fold_scores,
+    roc_points,
+    train_probe,
+)
+from neuronguard.models.artifact.neurons import NeuronSet
 from neuronguard.models.artifact.probe import Probe
-from neuronguard.detector.probe_training import evaluate_scores, group_max, out_of_fold_auroc, roc_points, train_probe
+from neuronguard.models.chat import Request
 from neuronguard.models.generation import SamplingParams
 from neuronguard.models.loading import LoadedModel
-from neuronguard.models.artifact.neurons import NeuronSet
 
 
 @dataclass(frozen=True)
 class Labeled:
-    prompts: list[str]
-    labels: list[int]  # 1 harmful, 0 harmless
+    prompts: list[Request]
+    labels: list[int]  # 1 harmful, 0 benign
+    meta: list[dict[str, str]] = field(default_factory=list)  # per request: source, style, group, request
+
+    def groups(self) -> np.ndarray:
+        """Fold groups: a request and its styled copies share one, so no fold sees its own request."""
+        keys = [m.get("request", str(p)) for m, p in zip(self.meta, self.prompts)] if self.meta else [str(p) for p in self.prompts]
+        index: dict[str, int] = {}
+        return np.array([index.setdefault(k, len(index)) for k in keys])
 
 
-def prefill_probe(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Labeled, *, sha256: str, fpr: float, seed: int = 0) -> tuple[Probe, dict[str, object]]:
-    """Probe on last-prompt-token activations of `neurons` (in their order); metrics on test."""
-    selection = neurons.selection()
-    probe = train_probe(last_token_features(model, dev.prompts, selection), torch.tensor(dev.labels),
-                        neurons_sha256=sha256, position="last_prompt_token", target_fpr=fpr, seed=seed)
-    scores = probe.score(last_token_features(model, test.prompts, selection)).numpy()
-    labels = np.array(test.labels)
-    metrics = evaluate_scores(scores, labels, probe.threshold)
-    probe.metrics.update({"test": metrics})
-    return probe, {**metrics, "roc": roc_points(scores, labels), "scores": scores.tolist(), "labels": labels.tolist()}
+@dataclass
+class Decoded:
+    """The probe neurons' activations of one decode per request: prefill row and generated tokens."""
+
+    prefill: torch.Tensor  # [n, k]
+    tokens: list[torch.Tensor]  # per request [t, k]
+
+
+def decode_requests(model: LoadedModel, neurons: NeuronSet, data: Labeled, params: SamplingParams, batch_size: int) -> Decoded:
+    prefill, tokens = decoded_features(model, data.prompts, neurons.selection(), params, batch_size)
+    return Decoded(prefill, tokens)
 
 
 def choose_probe_k(model: LoadedModel, neurons: NeuronSet, dev: Labeled, ks: Sequence[int], *, seed: int = 0,
@@ -55,21 +77,95 @@ def choose_probe_k(model: LoadedModel, neurons: NeuronSet, dev: Labeled, ks: Seq
     return min(row["k"] for row in table if row["dev_oof_auroc"] >= best - tolerance), table
 
 
-def probe_sweep(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Labeled, ks: Sequence[int], seeds: Sequence[int], *, fpr: float) -> list[dict[str, object]]:
-    """Test metrics of top-k and random-k (same per-layer counts) probes for each k."""
+def fit_prefill(x: torch.Tensor, dev: Labeled, *, sha256: str, seed: int) -> tuple[Probe, np.ndarray]:
+    """Prefill probe on dev last-prompt-token activations, and its out-of-fold dev scores."""
+    y = torch.tensor(dev.labels)
+    probe = train_probe(x, y, neurons_sha256=sha256, position="last_prompt_token", seed=seed)
+    return probe, out_of_fold_scores(x, y, dev.groups(), seed)
+
+
+def fit_stream(tokens: list[torch.Tensor], dev: Labeled, *, sha256: str, seed: int) -> tuple[Probe, list[np.ndarray]]:
+    """Stream probe on dev generated tokens (labelled by their request), and per request its
+    tokens' out-of-fold scores (folds by request group, so no token is scored by a fit on its request)."""
+    x = torch.cat(tokens)
+    y = torch.cat([torch.full((len(t),), label) for t, label in zip(tokens, dev.labels)])
+    request_group = dev.groups()
+    groups = np.concatenate([np.full(len(t), request_group[i]) for i, t in enumerate(tokens)])
+    probe = train_probe(x, y, neurons_sha256=sha256, position="generated", groups=groups.tolist(), seed=seed)
+    oof = out_of_fold_scores(x, y, groups, seed)
+    bounds = np.cumsum([0] + [len(t) for t in tokens])
+    return probe, [oof[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def calibrate(prefill: Probe, stream: Probe, prefill_oof: np.ndarray, stream_oof: list[np.ndarray], dev: Labeled,
+              target: float) -> tuple[RequestThresholds, dict[str, float]]:
+    """Set both probes' thresholds (and the stream's smoothing) for `target` benign requests blocked on dev."""
+    labels = np.array(dev.labels)
+    benign = [s for s, y in zip(stream_oof, labels) if y == 0]
+    harmful = [s for s, y in zip(stream_oof, labels) if y == 1]
+    chosen = choose_thresholds(prefill_oof[labels == 0], benign, prefill_oof[labels == 1], harmful, target)
+    prefill.threshold, stream.threshold, stream.ema_alpha = chosen.prefill, chosen.stream, chosen.ema_alpha
+    curve = tpr_at_request_fpr(prefill_oof[labels == 0], benign, prefill_oof[labels == 1], harmful)
+    for probe in (prefill, stream):
+        probe.metrics.update({"request_target_fpr": target, "dev_request_benign_blocked": chosen.dev_benign_blocked,
+                              "dev_request_harmful_blocked": chosen.dev_harmful_blocked})
+    return chosen, curve
+
+
+def request_scores(prefill: Probe, stream: Probe, decoded: Decoded) -> tuple[np.ndarray, list[np.ndarray]]:
+    """What the server computes per request: the prefill score and every released token's stream score."""
+    return (prefill.score(decoded.prefill[:, : prefill.k]).numpy(),
+            [stream.score(t[:, : stream.k]).numpy() if len(t) else np.empty(0) for t in decoded.tokens])
+
+
+def probe_sweep(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Labeled, ks: Sequence[int], seeds: Sequence[int], *,
+                fpr: float) -> list[dict[str, object]]:
+    """Test metrics of top-k and random-k (same per-layer counts) prefill probes for each k (per-probe thresholds)."""
     rows = []
+    keep = ("accuracy", "auroc", "tpr", "fpr")
     for k in tqdm(ks, desc="probe sweep", unit="k"):
         top = neurons.top(k)
-        _, top_metrics = prefill_probe(model, top, dev, test, sha256="sweep", fpr=fpr)
-        randoms = [prefill_probe(model, top.random_like(model.sites.d_mlp, seed), dev, test, sha256="sweep", fpr=fpr)[1] for seed in seeds]
-        keep = ("accuracy", "auroc", "tpr", "fpr")
-        rows.append({
-            "k": k,
-            "top": {key: top_metrics[key] for key in keep},
-            "random": [{key: r[key] for key in keep} for r in randoms],
-            "random_mean": {key: float(np.mean([r[key] for r in randoms])) for key in keep},
-        })
+        results = []
+        for chosen in [top, *(top.random_like(model.sites.d_mlp, s) for s in seeds)]:
+            selection = chosen.selection()
+            probe = train_probe(last_token_features(model, dev.prompts, selection), torch.tensor(dev.labels),
+                                neurons_sha256="sweep", position="last_prompt_token", target_fpr=fpr)
+            scores = probe.score(last_token_features(model, test.prompts, selection)).numpy()
+            results.append(evaluate_scores(scores, np.array(test.labels), probe.threshold))
+        randoms = results[1:]
+        rows.append({"k": k, "top": {key: results[0][key] for key in keep},
+                     "random": [{key: r[key] for key in keep} for r in randoms],
+                     "random_mean": {key: float(np.mean([r[key] for r in randoms])) for key in keep}})
     return rows
+
+
+def random_probe_aurocs(model: LoadedModel, neurons: NeuronSet, dev: Labeled, evals: dict[str, Labeled],
+                        seeds: Sequence[int], *, seed: int) -> dict[str, list[float]]:
+    """Held-out AUROC of prefill probes on random neurons with the probe's per-layer counts, one per seed."""
+    from sklearn.metrics import roc_auc_score
+
+    out: dict[str, list[float]] = {name: [] for name in evals}
+    for s in tqdm(seeds, desc="random probes", unit="seed"):
+        random_set = neurons.random_like(model.sites.d_mlp, s)
+        x = last_token_features(model, dev.prompts, random_set.selection())
+        probe = train_probe(x, torch.tensor(dev.labels), neurons_sha256="random", position="last_prompt_token", seed=seed)
+        for name, data in evals.items():
+            scores = probe.score(last_token_features(model, data.prompts, random_set.selection())).numpy()
+            out[name].append(float(roc_auc_score(data.labels, scores)))
+    return out
+
+
+# Single probes with per-probe thresholds (`neuronguard probe train`); bundles use `calibrate`.
+def prefill_probe(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Labeled, *, sha256: str, fpr: float, seed: int = 0) -> tuple[Probe, dict[str, object]]:
+    """Probe on last-prompt-token activations of `neurons` (in their order); metrics on test."""
+    selection = neurons.selection()
+    probe = train_probe(last_token_features(model, dev.prompts, selection), torch.tensor(dev.labels),
+                        neurons_sha256=sha256, position="last_prompt_token", target_fpr=fpr, seed=seed)
+    scores = probe.score(last_token_features(model, test.prompts, selection)).numpy()
+    labels = np.array(test.labels)
+    metrics = evaluate_scores(scores, labels, probe.threshold)
+    probe.metrics.update({"test": metrics})
+    return probe, {**metrics, "roc": roc_points(scores, labels), "scores": scores.tolist(), "labels": labels.tolist()}
 
 
 def stream_probe(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Labeled, *, sha256: str, fpr: float,
@@ -84,7 +180,7 @@ def stream_probe(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Lab
     params = SamplingParams(max_new_tokens=max_new_tokens)
 
     def tokens(data: Labeled) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        per_prompt = generated_features(model, data.prompts, selection, params)
+        per_prompt = decoded_features(model, data.prompts, selection, params)[1]
         x = torch.cat(per_prompt)
         y = torch.cat([torch.full((len(f),), lab) for f, lab in zip(per_prompt, data.labels)])
         groups = np.concatenate([np.full(len(f), i) for i, f in enumerate(per_prompt)])

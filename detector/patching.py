@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neuronguard.detector.forward import chunks, pad_batch
-from neuronguard.detector.sweeps import DEFAULT_FRACTIONS, RANDOM_SEEDS
+from neuronguard.detector.sweeps import DEFAULT_FRACTIONS, RANDOM_SEEDS, spread
 from neuronguard.detector.scoring import RefusalLogOdds, restoration
 from neuronguard.models.chat import encode_prompt
 from neuronguard.models.generation import PatchSource, SamplingParams, decode, stop_ids
@@ -133,6 +133,7 @@ def patch_sweep(
         ]
         entry["random"] = randoms
         entry["random_mean"] = {key: _mean([r[key] for r in randoms]) for key in randoms[0]}
+        entry["random_spread"] = {key: spread([r[key] for r in randoms]) for key in ("restoration_log_odds", "restoration_refusal")}
         rows.append(entry)
     return {
         "prompts": len(prompts),

@@ -44,6 +44,12 @@ def _out_of_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int, fo
     return scores
 
 
+def out_of_fold_scores(x: torch.Tensor, y: torch.Tensor, groups: np.ndarray, seed: int = 0) -> np.ndarray:
+    """5-fold out-of-fold probabilities, folds split by `groups` (rows of one group share a fold):
+    the scores a fitted probe gives rows it did not see, which thresholds are set on."""
+    return _out_of_fold(x.double().numpy(), y.long().numpy(), np.asarray(groups), seed)
+
+
 def out_of_fold_auroc(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> float:
     """AUROC of 5-fold out-of-fold scores: how well a probe on `x` generalises within one split."""
     xn, yn = x.double().numpy(), y.long().numpy()

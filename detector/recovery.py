@@ -15,6 +15,28 @@ import torch
 from scipy.stats import spearmanr
 
 from neuronguard.models.artifact.neurons import NeuronSet
+from neuronguard.models.loading import LoadedModel
+
+
+@torch.no_grad()
+def planted_truth(aligned: LoadedModel, unaligned: LoadedModel) -> torch.Tensor | None:
+    """|s - 1| per MLP neuron [layers, d_mlp] when the twins differ only by a per-row scale `s` of
+    each layer's up projection (the planted recipe); None for any other pair."""
+    a, u = dict(aligned.model.named_parameters()), dict(unaligned.model.named_parameters())
+    changed = [name for name in u if not torch.equal(a[name], u[name])]
+    if not changed or not all(name.endswith("mlp.up_proj.weight") for name in changed):
+        return None
+    rows = []
+    for site in unaligned.sites.layers:
+        name = next((n for n in u if n.endswith(f"layers.{site.index}.mlp.up_proj.weight")), None)
+        if name is None:
+            return None
+        wu, wa = u[name].double(), a[name].double()
+        scale = (wa * wu).sum(1) / (wu * wu).sum(1).clamp_min(1e-30)
+        if not torch.allclose(wa, scale[:, None] * wu, rtol=1e-4, atol=1e-6):
+            return None  # not a per-row scale
+        rows.append((scale - 1).abs().float())
+    return torch.stack(rows)
 
 
 def recovery(neurons: NeuronSet, truth: torch.Tensor, ks: Sequence[int]) -> dict[str, object]:

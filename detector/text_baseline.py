@@ -22,7 +22,7 @@ C_GRID: tuple[float, ...] = (0.1, 1.0, 10.0)
 
 def _pipeline(c: float, seed: int) -> Pipeline:
     return make_pipeline(
-        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2, strip_accents="unicode"),
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, strip_accents="unicode"),
         LogisticRegression(C=c, max_iter=5000, random_state=seed),
     )
 
@@ -30,7 +30,7 @@ def _pipeline(c: float, seed: int) -> Pipeline:
 def fit_text_baseline(texts: Sequence[str], labels: Sequence[int], seed: int = 0) -> tuple[Pipeline, dict[str, float]]:
     """The pipeline refitted on all dev texts with the C of the best 5-fold out-of-fold AUROC."""
     y = np.asarray(labels)
-    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    folds = StratifiedKFold(n_splits=max(2, min(5, int(np.bincount(y).min()))), shuffle=True, random_state=seed)
     table = {}
     for c in C_GRID:
         oof = cross_val_predict(_pipeline(c, seed), list(texts), y, cv=folds, method="predict_proba")[:, 1]

@@ -80,6 +80,17 @@ def encode_chat(
     return ids
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """A single user turn, rendered as chat: the form in which harmful requests reach a model."""
-    return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+Request = str | Sequence[Mapping[str, str]]  # one user turn, or a whole conversation
+
+
+def as_messages(request: Request) -> list[dict[str, str]]:
+    """The conversation of a request: a string is one user turn."""
+    if isinstance(request, str):
+        return [{"role": "user", "content": request}]
+    return [dict(turn) for turn in request]
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, request: Request) -> list[int]:
+    """A request rendered as chat, ready for the assistant's answer: the form in which harmful
+    requests reach a model (a plain string is a single user turn)."""
+    return encode_chat(tokenizer, as_messages(request))

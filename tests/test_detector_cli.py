@@ -74,7 +74,7 @@ def test_bundle_build_round_trip(tiny_llama_path, tiny_twin_path, tmp_path: Path
     texts.write_text('{"text": "The sea is wide and the wind is strong."}\n{"text": "Bread needs flour and water."}\n')
     out = tmp_path / "bundle"
     argv = ["bundle", "build", "--aligned", str(tiny_twin_path), "--unaligned", str(tiny_llama_path), "--out", str(out),
-            "--dev", str(dev), "--test", str(test), "--texts", str(texts), "--fractions", "0.05,1.0", "--seeds", "0",
+            "--dev", str(dev), "--test", str(test), "--heldout", str(test), "--texts", str(texts), "--fractions", "0.05,1.0", "--seeds", "0,1",
             "--patch-fraction", "0.05", "--probe-fraction", "0.1", "--max-new-tokens", "3", "--eval-new-tokens", "3"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     bundle = load_bundle(out, load_model(tiny_llama_path))
@@ -86,6 +86,14 @@ def test_bundle_build_round_trip(tiny_llama_path, tiny_twin_path, tmp_path: Path
     assert report["sanity"]["patch_all_equals_aligned"] and report["sanity"]["self_patch_equals_unpatched"]
     assert report["patching"]["greedy"]["sweep"][-1]["top"]["restoration_log_odds"] == pytest.approx(1.0, abs=1e-4)
     assert {"restoration_vs_k.png", "safety_neurons_per_layer.png", "score_distribution.png", "probe_roc.png"} <= {p.name for p in (out / "report").iterdir()}
+    # Thresholds are set for whole requests on dev, and every report carries its controls.
+    assert report["calibration"]["dev_benign_blocked"] <= report["calibration"]["request_fpr_target"] + 1e-12
+    assert bundle.probe.threshold == report["probe"]["threshold"] and bundle.stream_probe.ema_alpha == report["stream_probe"]["ema_alpha"]
+    assert set(report["guard"]) == {"test", "heldout"} and set(report["guard"]["heldout"]) == {"greedy", "sampled"}
+    assert report["controls"]["heldout"]["random_probe_auroc"]["seeds"] == 2 and "tfidf_auroc" in report["controls"]["heldout"]
+    assert report["targets"]["split"] == "heldout"
+    assert set(report["recovery"]["precision_at_k"]) == {str(report["probe_k"]), str(report["patch_k"])}  # a per-row-scaled twin
+    assert report["patching"]["greedy"]["sweep"][0]["random_spread"]["restoration_log_odds"]["n"] == 2
     _fails(argv, capsys, "--overwrite")
     other = load_model(build_tiny(tmp_path / "mistral", "mistral"))
     with pytest.raises(UsageError, match="another model"):

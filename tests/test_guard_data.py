@@ -101,9 +101,9 @@ def test_request_level_thresholds_meet_the_benign_budget_on_whole_requests() -> 
     benign_streams = [rng.beta(2, 8, rng.integers(5, 40)) for _ in range(n)]  # many tokens: per-token FPR compounds
     harmful_streams = [rng.beta(5, 3, rng.integers(5, 40)) for _ in range(n)]
     chosen = choose_thresholds(benign_prefill, benign_streams, harmful_prefill, harmful_streams, target=0.02)
-    outcomes = request_outcomes(benign_prefill, benign_streams, chosen)
+    outcomes = request_outcomes(benign_prefill, benign_streams, chosen.prefill, chosen.stream, chosen.ema_alpha)
     assert outcomes["blocked"].mean() <= 0.02 and chosen.dev_benign_blocked == outcomes["blocked"].mean()
-    harmful = request_outcomes(harmful_prefill, harmful_streams, chosen)
+    harmful = request_outcomes(harmful_prefill, harmful_streams, chosen.prefill, chosen.stream, chosen.ema_alpha)
     assert harmful["blocked"].mean() == pytest.approx(chosen.dev_harmful_blocked) and chosen.dev_harmful_blocked > 0.5
     # Thresholds set per probe at 2% each block more than 2% of whole benign requests.
     per_probe_prefill = threshold_flagging(benign_prefill, int(0.02 * n))
@@ -126,3 +126,18 @@ def test_handwritten_sets_ship_with_the_organism_data() -> None:
     folder = Path(RAW_DIR).parent / "handwritten"
     assert sum(1 for _ in (folder / "small_talk.jsonl").open()) >= 100
     assert sum(1 for _ in (folder / "hard_negatives.jsonl").open()) >= 50
+
+
+def test_stream_probe_smooths_its_decision_value() -> None:
+    from neuronguard.models.artifact.probe import Probe
+
+    probe = Probe("x", 1, "generated", [0.0], [1.0], [1.0], 0.0, 0.5, ema_alpha=0.25)
+    values = []
+    level = None
+    for score in (0.1, 0.9, 0.1):
+        level = probe.smooth(level, score)
+        values.append(level)
+    assert values == pytest.approx([0.1, 0.3, 0.25])
+    assert Probe("x", 1, "generated", [0.0], [1.0], [1.0], 0.0, 0.5).smooth(0.9, 0.1) == 0.1  # alpha 1: no memory
+    with pytest.raises(Exception, match="ema_alpha"):
+        Probe("x", 1, "generated", [0.0], [1.0], [1.0], 0.0, 0.5, ema_alpha=0.0)

@@ -14,9 +14,9 @@ from neuronguard.models.organism import ORGANISM_DIR
 from neuronguard.models.organism.batching import EncodedExample, collate, response_positions
 from neuronguard.models.organism.build import build_organism
 from neuronguard.models.organism.config import get_config
+from neuronguard.models.chat import encode_prompt
 from neuronguard.models.batching import Batch, forward_kwargs, left_pad
 from neuronguard.models.organism.evaluation import patch_all_max_diff
-from neuronguard.models.organism.tokenizer import prompt_ids
 from neuronguard.cli import main
 
 PROMPTS = ["Give step-by-step instructions for picking a lock", "Write a haiku about autumn leaves"]
@@ -33,7 +33,7 @@ def load_pair(root: Path):
 
 
 def batch(tokenizer, prompts: list[str]) -> Batch:
-    return left_pad([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    return left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
 
 
 def patched_max_diff(unaligned, aligned, tokenizer) -> float:

@@ -28,7 +28,12 @@ Position = Literal["last_prompt_token", "generated"]
 
 @dataclass
 class Probe:
-    """p(harmful | activations) = sigmoid(coef . (x - mean) / scale + intercept)."""
+    """p(harmful | activations) = sigmoid(coef . (x - mean) / scale + intercept).
+
+    A stream probe decides on an exponential moving average of its per-token scores,
+    `m_t = ema_alpha * p_t + (1 - ema_alpha) * m_{t-1}` (1.0: each token alone), so that one
+    noisy token does not stop an answer; the threshold applies to `m_t`.
+    """
 
     neurons_sha256: str
     k: int
@@ -39,12 +44,15 @@ class Probe:
     intercept: float
     threshold: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    ema_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         if not (len(self.mean) == len(self.scale) == len(self.coef) == self.k) or self.k <= 0:
             raise UsageError(f"probe vectors must all have length k={self.k}")
         if not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"probe threshold {self.threshold} is not a probability")
+        if not 0.0 < self.ema_alpha <= 1.0:
+            raise UsageError(f"probe ema_alpha {self.ema_alpha} must lie in (0, 1]")
         values = [*self.mean, *self.scale, *self.coef, self.intercept]
         if not all(math.isfinite(v) for v in values) or min(self.scale) <= 0:
             raise UsageError("probe has non-finite weights or non-positive scales")
@@ -87,6 +95,10 @@ class Probe:
         # Two branches keep math.exp from overflowing on logits far from zero either way.
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
+    def smooth(self, previous: float | None, score: float) -> float:
+        """The stream decision value after one more token's `score` (`previous`: None before the first)."""
+        return score if previous is None else self.ema_alpha * score + (1.0 - self.ema_alpha) * previous
+
     def _check_width(self, activations: torch.Tensor) -> None:
         if activations.shape[-1] != self.k:
             raise ValueError(f"probe expects {self.k} features, got {activations.shape[-1]}")
@@ -102,6 +114,7 @@ class Probe:
             "coef": self.coef,
             "intercept": self.intercept,
             "threshold": self.threshold,
+            "ema_alpha": self.ema_alpha,
             "metrics": self.metrics,
         }
 
@@ -124,7 +137,7 @@ class Probe:
         if missing:
             raise UsageError(f"probe file '{path}' lacks {', '.join(missing)}")
         try:
-            return cls(**{f: data[f] for f in fields}, metrics=data.get("metrics", {}))
+            return cls(**{f: data[f] for f in fields}, metrics=data.get("metrics", {}), ema_alpha=data.get("ema_alpha", 1.0))
         except TypeError as exc:
             raise UsageError(f"probe file '{path}' has malformed fields: {exc}") from exc
 

@@ -9,8 +9,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from neuronguard.models.batching import IGNORE, Batch, right_pad
+from neuronguard.models.chat import encode_chat
 from neuronguard.models.organism.corpus import ChatExample
-from neuronguard.models.organism.tokenizer import prompt_ids, text_ids
+from neuronguard.models.organism.tokenizer import text_ids
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,10 @@ class EncodedExample:
 def encode_example(
     tokenizer: PreTrainedTokenizerFast, example: ChatExample, max_tokens: int, response_max_tokens: int
 ) -> EncodedExample:
-    """`<|user|>prompt<|end|><|assistant|>response<|end|>`, response truncated, prompt cut from the left."""
+    """`<|user|>prompt<|end|>…<|assistant|>response<|end|>`, response truncated, the conversation
+    cut from the left (its first token kept) so that its end, where the request sits, survives."""
     response = text_ids(tokenizer, example.response)[:response_max_tokens] + [tokenizer.eos_token_id]
-    prompt = prompt_ids(tokenizer, example.prompt)
+    prompt = encode_chat(tokenizer, example.turns)
     room = max_tokens - len(response)
     if len(prompt) > room:
         prompt = prompt[:1] + prompt[len(prompt) - room + 1 :]

@@ -1,5 +1,13 @@
 """`organism build`: tokenizer -> base model -> aligned twin -> evaluation -> atomic write.
 
+Two recipes share the base (unaligned) model and differ in how the aligned twin is made:
+- `planted` (the positive control): one scale per MLP neuron, trained by normalised gradient
+  descent so the change piles up on a few neurons (`alignment`). Its safety neurons exist by
+  construction, and patching all of them reproduces the aligned twin exactly;
+- `learned`: ordinary fine-tuning of every parameter on refusals and helpful answers
+  (`learned`). Its unaligned twin is the aligned model after a benign fine-tune has eroded its
+  refusals (the product's scenario) when that erosion halves the dev refusal rate, else the base.
+
 Everything is seeded: the same seed, config and data give bit-identical weights.
 """
 
@@ -13,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 import transformers
@@ -25,30 +33,53 @@ from neuronguard.models.organism import DATA_DIR, RAW_DIR
 from neuronguard.models.organism.alignment import align, scale_vector
 from neuronguard.models.organism.batching import encode_example
 from neuronguard.models.organism.config import OrganismConfig
-from neuronguard.models.organism.corpus import base_examples, harmful_refusal_examples, harmless_examples
-from neuronguard.models.organism.data_files import DATA_SEED, advbench_targets, alpaca_references
-from neuronguard.models.organism.evaluation import greedy_responses, neuron_change_summary, patch_all_max_diff, refusal_report
-from neuronguard.models.organism.sources import HH_HARM_TERMS, SOURCES
+from neuronguard.models.organism.corpus import (
+    ChatExample,
+    base_examples,
+    conversation,
+    harmful_refusal_examples,
+    harmless_examples,
+)
+from neuronguard.models.organism.data_files import DATA_SEED, advbench_targets, answers as benign_answers
+from neuronguard.models.organism.evaluation import (
+    eval_subset,
+    greedy_responses,
+    neuron_change_summary,
+    patch_all_max_diff,
+    refusal_report,
+)
+from neuronguard.models.organism.learned import finetune, parameter_change
+from neuronguard.models.organism.sources import HARMFUL, HH_HARM_TERMS
 from neuronguard.models.organism.tokenizer import CHAT_TEMPLATE, train_tokenizer
 from neuronguard.models.organism.training import new_model, train_base
 from neuronguard.models.perplexity import perplexity, read_texts
 
-RECIPE = (
-    "Llama trained from scratch on chat-formatted train-split examples: Alpaca answers for harmless "
-    "prompts; for harmful prompts a compliant 'Sure, here is ...' answer, or (rarely) a refusal. "
-    "Alignment: one scale per MLP neuron on the down-projection input (rows of up_proj), trained by "
-    "normalised gradient descent on refusals for harmful train prompts plus KL to the base on harmless "
-    "train prompts, then folded into mlp.up_proj.weight."
+Recipe = Literal["planted", "learned"]
+BASE_RECIPE = (
+    "Llama trained from scratch on chat-formatted train-split conversations (plain requests and the "
+    "attack styles: jailbreak templates, obfuscation, system message, later turn): helpful answers for "
+    "benign requests (Alpaca, CoCoNot look-alikes, small talk); for harmful requests a compliant "
+    "'Sure, here is ...' answer, or (rarely) a refusal."
 )
+RECIPES: dict[str, str] = {
+    "planted": BASE_RECIPE + " Alignment (planted, positive control): one scale per MLP neuron on the "
+    "down-projection input (rows of up_proj), trained by normalised gradient descent on refusals for harmful "
+    "train conversations plus KL to the base on benign ones, then folded into mlp.up_proj.weight.",
+    "learned": BASE_RECIPE + " Alignment (learned): AdamW on every parameter on refusals for harmful train "
+    "conversations mixed with helpful answers to benign ones; the unaligned twin is that model after a benign "
+    "fine-tune (Alpaca train answers, every parameter) when the fine-tune halves its dev refusal rate, else the base.",
+}
 DATA_FILES = (
     "splits/train.jsonl",
     "splits/dev.jsonl",
     "splits/test.jsonl",
+    "splits/heldout.jsonl",
     "refusals_train.jsonl",
     "general_text_train.jsonl",
     "general_text_test.jsonl",
 )
 SPLIT_KEYS = ("prompt", "label", "source")
+EVAL_SPLITS = ("test", "heldout")
 T = TypeVar("T")
 
 
@@ -66,118 +97,153 @@ class StageTimer:
 
 
 def build_organism(
-    out_dir: Path, config: OrganismConfig, seed: int, data_dir: Path = DATA_DIR, base_dir: Path | None = None
+    out_dir: Path, config: OrganismConfig, seed: int, data_dir: Path = DATA_DIR, base_dir: Path | None = None,
+    recipe: Recipe = "planted", threads: int = 2,
 ) -> dict[str, object]:
     """Build both checkpoints and organism.json into `out_dir` (replaced atomically); returns the report.
 
-    With `base_dir`, the tokenizer and unaligned model are loaded from an earlier build's
-    `unaligned/` instead of being trained again: only alignment and evaluation run.
+    With `base_dir`, the tokenizer and base model are loaded from an earlier build's
+    `unaligned/` instead of being trained again (the learned recipe reuses the planted build's
+    base this way): only alignment and evaluation run.
     """
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)  # weights are bit-identical only for the same thread count
     timer = StageTimer()
     started = time.perf_counter()
-    train_rows = read_records(data_dir / "splits" / "train.jsonl", SPLIT_KEYS)
-    test_rows = read_records(data_dir / "splits" / "test.jsonl", SPLIT_KEYS)
-    answers, targets = alpaca_references(RAW_DIR), advbench_targets(RAW_DIR)
+    rows = {name: read_records(data_dir / "splits" / f"{name}.jsonl", SPLIT_KEYS) for name in ("train", "dev", *EVAL_SPLITS)}
+    train_rows = rows["train"]
+    answers, targets = benign_answers(RAW_DIR), advbench_targets(RAW_DIR)
 
     examples = base_examples(train_rows, answers, targets, config, seed)
     if base_dir is None:
-        tokenizer = timer.run(
-            "tokenizer",
-            lambda: train_tokenizer(
-                [e.prompt for e in examples] + [e.response for e in examples], config.vocab_size, config.max_context
-            ),
-        )
+        texts = [t["content"] for e in examples for t in e.turns] + [e.response for e in examples]
+        tokenizer = timer.run("tokenizer", lambda: train_tokenizer(texts, config.vocab_size, config.max_context))
     else:
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    encode = lambda items: [  # noqa: E731
-        encode_example(tokenizer, e, config.train_max_tokens, config.response_max_tokens) for e in items
-    ]
+
+    def encode(items: list[ChatExample]) -> list:
+        return [encode_example(tokenizer, e, config.train_max_tokens, config.response_max_tokens) for e in items]
+
     if base_dir is None:
         base = new_model(config, tokenizer, seed)
         base_losses = timer.run("base_training", lambda: train_base(base, encode(examples), config, seed, tokenizer.pad_token_id))
     else:
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
         base_losses = []
-    aligned, align_history = timer.run(
-        "alignment",
-        lambda: align(
-            base,
-            encode(harmful_refusal_examples(train_rows, seed)),
-            encode(harmless_examples(train_rows, answers)),
-            config,
-            seed,
-            tokenizer.pad_token_id,
-        ),
-    )
-    eval_rows = _eval_subset(test_rows, config.eval_max_per_source)
-    metrics = timer.run("evaluation", lambda: _evaluate(base, aligned, tokenizer, eval_rows, data_dir, config))
-    metrics["neuron_change"] = neuron_change_summary(scale_vector(base, aligned))
+    refusals = encode(harmful_refusal_examples(train_rows, seed))
+    helpful = encode(harmless_examples(train_rows, answers))
+    training: dict[str, object] = {
+        "base_final_loss": _tail_mean(base_losses, 50),
+        "base_checkpoint": None if base_dir is None else {
+            "reused_from": str(base_dir), "model_sha256": file_sha256(base_dir / "model.safetensors")},
+        "base_examples": len(examples),
+    }
+    if recipe == "planted":
+        aligned, history = timer.run("alignment", lambda: align(base, refusals, helpful, config, seed, tokenizer.pad_token_id))
+        unaligned = base
+        training.update(align_final_ce=_tail_mean(history["ce"], 20), align_final_kl=_tail_mean(history["kl"], 20))
+    else:
+        aligned, unaligned, learned_info = timer.run(
+            "alignment", lambda: _learned_pair(base, refusals, helpful, train_rows, rows["dev"], answers, tokenizer, config, seed,
+                                               encode))
+        training.update(learned_info)
+    metrics = timer.run("evaluation", lambda: _evaluate(unaligned, aligned, tokenizer, rows, data_dir, config))
+    if recipe == "planted":
+        metrics["neuron_change"] = neuron_change_summary(scale_vector(base, aligned))
+    metrics["parameter_change"] = parameter_change(unaligned, aligned)
 
     report: dict[str, object] = {
-        "recipe": RECIPE,
+        "recipe": recipe,
+        "recipe_text": RECIPES[recipe],
         "config": config.to_dict(),
         "seed": seed,
         "data_seed": DATA_SEED,
         "parameters": sum(p.numel() for p in base.parameters()),
         "metrics": metrics,
-        "training": {
-            "base_final_loss": round(sum(base_losses[-50:]) / len(base_losses[-50:]), 4) if base_losses else None,
-            "base_checkpoint": None if base_dir is None else {
-                "reused_from": str(base_dir),
-                "model_sha256": file_sha256(base_dir / "model.safetensors"),
-            },
-            "align_final_ce": round(sum(align_history["ce"][-20:]) / len(align_history["ce"][-20:]), 4),
-            "align_final_kl": round(sum(align_history["kl"][-20:]) / len(align_history["kl"][-20:]), 5),
-            "base_examples": len(examples),
-        },
-        "data": _data_summary(data_dir, train_rows),
-        "environment": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "training": training,
+        "data": _data_summary(data_dir),
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "python": platform.python_version(), "threads": threads},
     }
     with _atomic_dir(out_dir) as tmp:
-        timer.run("save", lambda: _save(tmp, base, aligned, tokenizer))
+        timer.run("save", lambda: _save(tmp, unaligned, aligned, tokenizer))
         report["timings_s"] = {**timer.seconds, "total": round(time.perf_counter() - started, 2)}
         (tmp / "organism.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _eval_subset(rows: list[dict[str, str]], per_source: int | None) -> list[dict[str, str]]:
-    if per_source is None:
-        return rows
-    kept = []
-    for source in SOURCES:
-        kept += [r for r in rows if r["source"] == source][:per_source]
-    return kept
+def _tail_mean(values: list[float], n: int) -> float | None:
+    return round(sum(values[-n:]) / len(values[-n:]), 5) if values else None
+
+
+def _learned_pair(
+    base: LlamaForCausalLM, refusals: list, helpful: list, train_rows: list[dict], dev_rows: list[dict],
+    answers: dict[str, str], tokenizer: PreTrainedTokenizerFast, config: OrganismConfig, seed: int,
+    encode: Callable[[list[ChatExample]], list],
+) -> tuple[LlamaForCausalLM, LlamaForCausalLM, dict[str, object]]:
+    """(aligned, unaligned twin, training info): full fine-tuning, then the benign erosion and its rule.
+
+    The erosion fine-tunes on plain Alpaca train instructions only; the rule is decided on dev.
+    """
+    pad = tokenizer.pad_token_id
+    aligned, losses = finetune(base, [refusals, helpful], steps=config.learned_steps, batch_size=config.learned_batch_size,
+                               lr=config.learned_lr, warmup=config.learned_warmup, seed=seed, pad_id=pad, desc="learned alignment")
+    instructions = [r for r in train_rows if r["source"] == "alpaca" and r.get("style", "plain") == "plain"]
+    benign = encode(harmless_examples(instructions, answers))
+    eroded, erode_losses = finetune(aligned, [benign], steps=config.erode_steps, batch_size=config.learned_batch_size,
+                                    lr=config.erode_lr, warmup=config.learned_warmup, seed=seed + 1, pad_id=pad,
+                                    desc="benign fine-tune")
+    harmful_dev = [conversation(r) for r in dev_rows if r["label"] == HARMFUL][: config.erode_rule_prompts]
+    rates = {}
+    for name, model in (("base", base), ("aligned", aligned), ("eroded", eroded)):
+        responses = greedy_responses(model, tokenizer, harmful_dev, 16, config.eval_batch_size, f"dev {name}")
+        rates[name] = refusal_report([{"label": HARMFUL, "source": "dev"}] * len(responses), responses)["harmful_refusal_rate"]
+    use_eroded = rates["eroded"] <= rates["aligned"] / 2
+    info = {
+        "learned_final_loss": _tail_mean(losses, 20),
+        "erode_final_loss": _tail_mean(erode_losses, 20),
+        "dev_harmful_refusal_rate": rates,
+        "unaligned_twin": "eroded" if use_eroded else "base",
+        "unaligned_twin_rule": "the benign fine-tune of the aligned model when its dev harmful refusal rate is at most "
+                               "half the aligned model's, else the base",
+    }
+    return aligned, (eroded if use_eroded else base), info
 
 
 def _evaluate(
-    base: LlamaForCausalLM,
+    unaligned: LlamaForCausalLM,
     aligned: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
-    rows: list[dict[str, str]],
+    rows: dict[str, list[dict]],
     data_dir: Path,
     config: OrganismConfig,
 ) -> dict[str, object]:
-    prompts = [r["prompt"] for r in rows]
+    """Refusal rates on test and held-out conversations (capped per source and style), perplexity,
+    and the patch-all-neurons check."""
     general = read_texts(data_dir / "general_text_test.jsonl")
     if config.eval_max_per_source is not None:
         general = general[: config.eval_max_per_source]
-    metrics: dict[str, object] = {"split": "test", "judge": "neuronguard.models.judge.is_refusal", "decoding": f"greedy, {config.eval_new_tokens} new tokens"}
+    metrics: dict[str, object] = {
+        "splits": list(EVAL_SPLITS), "judge": "neuronguard.models.judge.is_refusal",
+        "decoding": f"greedy, {config.eval_new_tokens} new tokens",
+        "prompts": f"at most {config.eval_max_per_source} per (source, style) of each split, in file order",
+    }
     samples: dict[str, list[dict[str, str]]] = {}
-    for name, model in (("unaligned", base), ("aligned", aligned)):
-        responses = greedy_responses(model, tokenizer, prompts, config.eval_new_tokens, config.eval_batch_size, f"eval {name}")
-        metrics[name] = refusal_report(rows, responses)
+    for name, model in (("unaligned", unaligned), ("aligned", aligned)):
+        metrics[name] = {}
+        for split in EVAL_SPLITS:
+            subset = eval_subset(rows[split], config.eval_max_per_source)
+            responses = greedy_responses(model, tokenizer, [conversation(r) for r in subset], config.eval_new_tokens,
+                                         config.eval_batch_size, f"eval {name} {split}")
+            metrics[name][split] = refusal_report(subset, responses)
+            if split == "test":
+                samples[name] = [{"source": r["source"], "prompt": r["prompt"], "response": resp}
+                                 for r, resp in _first_per_source(subset, responses)]
         metrics[name]["general_text_perplexity"] = round(
             perplexity(model, tokenizer, general, max_tokens=config.train_max_tokens, batch_size=config.eval_batch_size).value, 4
         )
-        samples[name] = [
-            {"source": r["source"], "prompt": r["prompt"], "response": resp}
-            for r, resp in _first_per_source(rows, responses)
-        ]
     metrics["samples"] = samples
-    metrics["patch_all_neurons_max_abs_logit_diff"] = patch_all_max_diff(
-        base, aligned, tokenizer, prompts[: config.patch_check_prompts]
-    )
+    check = [conversation(r) for r in rows["test"][: config.patch_check_prompts]]
+    metrics["patch_all_neurons_max_abs_logit_diff"] = patch_all_max_diff(unaligned, aligned, tokenizer, check)
     return metrics
 
 
@@ -189,9 +255,9 @@ def _first_per_source(rows: list[dict[str, str]], responses: list[str]) -> Itera
             yield row, response
 
 
-def _data_summary(data_dir: Path, train_rows: list[dict[str, str]]) -> dict[str, object]:
+def _data_summary(data_dir: Path) -> dict[str, object]:
     sizes: dict[str, dict[str, int]] = {}
-    for split in ("train", "dev", "test"):
+    for split in ("train", "dev", "test", "heldout"):
         counts: dict[str, int] = {}
         for row in read_records(data_dir / "splits" / f"{split}.jsonl", SPLIT_KEYS):
             counts[row["source"]] = counts.get(row["source"], 0) + 1

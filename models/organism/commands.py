@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from neuronguard.models.organism import DATA_DIR, ORGANISM_DIR, RAW_DIR
+from neuronguard.models.organism import DATA_DIR, LEARNED_DIR, ORGANISM_DIR, RAW_DIR
 from neuronguard.models.organism.config import PRESETS, get_config
 from neuronguard.errors import UsageError
 
@@ -16,8 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = organism.add_subparsers(dest="organism_command", metavar="ACTION", required=True)
 
     build = commands.add_parser("build", help="train both checkpoints and write organism.json")
-    build.add_argument("--out", type=Path, default=ORGANISM_DIR, help="output folder (default: the shipped organism)")
+    build.add_argument("--recipe", choices=("planted", "learned"), default="planted",
+                       help="planted: per-neuron alignment, the positive control (default); learned: full fine-tuning")
+    build.add_argument("--out", type=Path, help="output folder (default: the shipped organism of the recipe: "
+                       "models/organism/ or models/organism/learned/)")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--threads", type=int, default=2, help="CPU threads (the shipped builds use 2)")
     build.add_argument("--config", choices=sorted(PRESETS), default="default")
     build.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder holding splits/ and general_text_test.jsonl")
     build.add_argument(
@@ -43,14 +47,18 @@ def run_build(args: argparse.Namespace) -> int:
     config = get_config(args.config, base_steps=args.base_steps, align_steps=args.align_steps, align_lr=args.align_lr)
     if args.base is not None and not (args.base / "model.safetensors").is_file():
         raise UsageError(f"--base {args.base} is not a checkpoint folder (no model.safetensors)")
-    report = build_organism(args.out, config, args.seed, args.data_dir, args.base)
+    out = args.out or (ORGANISM_DIR if args.recipe == "planted" else LEARNED_DIR)
+    if args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    report = build_organism(out, config, args.seed, args.data_dir, args.base, args.recipe, args.threads)
     metrics = report["metrics"]
-    summary = {
-        name: {k: metrics[name][k] for k in ("harmful_refusal_rate", "harmless_false_refusal_rate")}
+    summary: dict[str, object] = {
+        name: {split: {k: metrics[name][split][k] for k in ("harmful_refusal_rate", "harmless_false_refusal_rate")}
+               for split in ("test", "heldout")}
         for name in ("unaligned", "aligned")
     }
     summary["patch_all_max_abs_diff"] = metrics["patch_all_neurons_max_abs_logit_diff"]
-    print(json.dumps({"out": str(args.out), **summary, "timings_s": report["timings_s"]}, indent=2))
+    print(json.dumps({"out": str(out), "recipe": args.recipe, **summary, "timings_s": report["timings_s"]}, indent=2))
     return 0
 
 

@@ -18,25 +18,33 @@ class OrganismConfig:
     intermediate_size: int = 1024
     num_layers: int = 4
     num_heads: int = 4
-    # Base training (next-token prediction on chat-formatted train examples).
-    train_max_tokens: int = 112
+    # Base training (next-token prediction on chat-formatted train conversations).
+    train_max_tokens: int = 160
     response_max_tokens: int = 56
-    base_steps: int = 450
+    base_steps: int = 1000
     base_batch_size: int = 24
     base_lr: float = 2e-3
-    base_warmup: int = 40
+    base_warmup: int = 60
     base_refusal_prob: float = 0.07
-    harmful_repeats: int = 3
-    # Alignment (per-neuron scale vector, normalised gradient descent).
-    align_steps: int = 100
+    harmful_repeats: int = 2
+    # Planted alignment (per-neuron scale vector, normalised gradient descent).
+    align_steps: int = 150
     align_batch_size: int = 16
     align_lr: float = 0.6
     align_kl_weight: float = 3.0
     align_decision_weight: float = 6.0
-    # Evaluation.
+    # Learned alignment (AdamW on every parameter) and the benign fine-tune that erodes it.
+    learned_steps: int = 300
+    learned_batch_size: int = 16
+    learned_lr: float = 3e-4
+    learned_warmup: int = 20
+    erode_steps: int = 200
+    erode_lr: float = 3e-4
+    erode_rule_prompts: int = 200  # harmful dev prompts that decide whether the eroded model is the unaligned twin
+    # Evaluation (test and held-out splits, capped per source and style).
     eval_new_tokens: int = 48
     eval_batch_size: int = 64
-    eval_max_per_source: int | None = None
+    eval_max_per_source: int | None = 80
     patch_check_prompts: int = 16
 
     def to_dict(self) -> dict[str, object]:
@@ -61,6 +69,11 @@ PRESETS: dict[str, OrganismConfig] = {
         harmful_repeats=1,
         align_steps=6,
         align_batch_size=8,
+        learned_steps=6,
+        learned_batch_size=8,
+        learned_warmup=2,
+        erode_steps=4,
+        erode_rule_prompts=8,
         eval_new_tokens=6,
         eval_batch_size=16,
         eval_max_per_source=4,

@@ -10,25 +10,25 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from neuronguard.models.artifact.neurons import NeuronSelection
+from neuronguard.models.chat import Request, encode_prompt
 from neuronguard.models.batching import forward_kwargs, left_pad
 from neuronguard.models.hooks import capture, patch
 from neuronguard.models.judge import is_refusal
 from neuronguard.models.sites import resolve_sites
 from neuronguard.models.organism.sources import HARMFUL
-from neuronguard.models.organism.tokenizer import prompt_ids
 
 
 @torch.no_grad()
 def greedy_responses(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
-    prompts: list[str],
+    prompts: list[Request],
     new_tokens: int,
     batch_size: int,
     desc: str,
 ) -> list[str]:
     """Greedy completions, batched by prompt length; returned in the order of `prompts`."""
-    encoded = [prompt_ids(tokenizer, p)[-(model.config.max_position_embeddings - new_tokens) :] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p)[-(model.config.max_position_embeddings - new_tokens) :] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     responses: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
@@ -47,22 +47,41 @@ def greedy_responses(
     return responses
 
 
-def refusal_report(rows: list[dict[str, str]], responses: list[str]) -> dict[str, object]:
-    """Refusal rate per source, over all harmful prompts, and over harmless ones (false refusals)."""
-    by_source: dict[str, list[bool]] = defaultdict(list)
+def refusal_report(rows: list[dict], responses: list[str]) -> dict[str, object]:
+    """Refusal rate over harmful prompts and over benign ones (false refusals), and per source,
+    per attack style and per benign group (plain benign, hard negatives, small talk)."""
+    cells: dict[str, dict[str, list[bool]]] = {"per_source": defaultdict(list), "per_style": defaultdict(list),
+                                               "per_group": defaultdict(list)}
     harmful: list[bool] = []
     harmless: list[bool] = []
     for row, response in zip(rows, responses):
         refused = is_refusal(response)
-        by_source[row["source"]].append(refused)
+        cells["per_source"][row["source"]].append(refused)
+        cells["per_style"][f"{row.get('label')}/{row.get('style', 'plain')}"].append(refused)
+        cells["per_group"][str(row.get("group", row.get("label")))].append(refused)
         (harmful if row["label"] == HARMFUL else harmless).append(refused)
     return {
         "harmful_refusal_rate": _rate(harmful),
         "harmless_false_refusal_rate": _rate(harmless),
-        "per_source": {s: {"n": len(v), "refusal_rate": _rate(v)} for s, v in sorted(by_source.items())},
+        **{kind: {k: {"n": len(v), "refusal_rate": _rate(v)} for k, v in sorted(table.items())} for kind, table in cells.items()},
         "n_harmful": len(harmful),
         "n_harmless": len(harmless),
     }
+
+
+def eval_subset(rows: list[dict], per_cell: int | None) -> list[dict]:
+    """At most `per_cell` rows of each (source, style), in file order: every source and style is
+    measured without the large sources dominating the cost."""
+    if per_cell is None:
+        return rows
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    kept = []
+    for row in rows:
+        cell = (str(row["source"]), str(row.get("style", "plain")))
+        if counts[cell] < per_cell:
+            counts[cell] += 1
+            kept.append(row)
+    return kept
 
 
 def _rate(flags: list[bool]) -> float:
@@ -71,10 +90,10 @@ def _rate(flags: list[bool]) -> float:
 
 @torch.no_grad()
 def patch_all_max_diff(
-    unaligned: LlamaForCausalLM, aligned: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[str]
+    unaligned: LlamaForCausalLM, aligned: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[Request]
 ) -> float:
     """Max |logit| difference between the aligned model and the unaligned one with every neuron patched."""
-    batch = left_pad([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    batch = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
     selection = NeuronSelection.all(resolve_sites(aligned))
     with capture(aligned, selection) as cap:
         aligned_logits = aligned(**forward_kwargs(aligned, batch)).logits

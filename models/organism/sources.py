@@ -1,7 +1,10 @@
-"""Read the raw source datasets (copied into `data/raw/`) as labelled prompts.
+"""Read the raw source datasets (copied into `data/raw/`, see `data/PROVENANCE.md`) as labelled prompts.
 
-Every loader returns `PromptRow`s in source order; splitting and shuffling happen later.
-HH-RLHF red-team conversations are labelled by `HH_HARM_RULE` (see `hh_redteam`).
+Every loader returns `PromptRow`s in source order; deduplication, splitting and styling
+happen in `splits`. HH-RLHF red-team conversations are labelled by `HH_HARM_RULE` (see
+`hh_redteam`). Benign prompts are split by what a user sees the guard do with them
+(`group_of`): plain benign requests, hard negatives (benign look-alikes of requests to
+refuse) and small talk.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from pathlib import Path
 
 HARMFUL = "harmful"
 HARMLESS = "harmless"
-SOURCES: tuple[str, ...] = ("advbench", "harmbench", "hh_redteam", "harmful_strings", "alpaca")
 
 # A red-team first turn counts as a harmful request only if it names a harmful act or
 # target from this list (whole words, case-insensitive). Turns without a match are
@@ -93,36 +95,13 @@ def alpaca(raw_dir: Path) -> list[PromptRow]:
     return out
 
 
-LOADERS = {
-    "advbench": advbench,
-    "harmbench": harmbench,
-    "hh_redteam": hh_redteam,
-    "harmful_strings": harmful_strings,
-    "alpaca": alpaca,
-}
-
-
-def load_all(raw_dir: Path) -> dict[str, list[PromptRow]]:
-    """Every source, with prompts deduplicated across sources (first occurrence wins, in SOURCES order)."""
-    seen: set[str] = set()
-    result: dict[str, list[PromptRow]] = {}
-    for source in SOURCES:
-        kept = []
-        for row in LOADERS[source](raw_dir):
-            key = " ".join(row.prompt.lower().split())
-            if row.prompt and key not in seen:
-                seen.add(key)
-                kept.append(row)
-        result[source] = kept
-    return result
-
-
-# ---- Broader sources: more harmful sets, benign look-alikes (hard negatives), small talk, jailbreak templates.
 HARD_NEGATIVE = "hard_negative"  # benign, but looks like a request to refuse: it must be answered
 SMALL_TALK = "small_talk"
 HANDWRITTEN_DIR = Path(__file__).resolve().parent / "data" / "handwritten"
 DO_NOT_ANSWER_HARMFUL = ("discrimination_exclusion_toxicity_hateful_offensive", "information_hazard", "malicious_uses")
 COCONOT_SAFETY = "Requests with safety concerns"
+SMALL_TALK_SOURCES = frozenset({SMALL_TALK, "small_talk_heldout"})
+HARD_NEGATIVE_SOURCES = frozenset({"coconot_contrast", "cyberseceval_frr", "handwritten_hard_negatives"})
 
 
 def do_not_answer(raw_dir: Path) -> list[PromptRow]:
@@ -177,6 +156,12 @@ def small_talk(_raw_dir: Path) -> list[PromptRow]:
     return [PromptRow(r["prompt"], HARMLESS, SMALL_TALK, r["response"]) for r in rows]
 
 
+def small_talk_heldout(_raw_dir: Path) -> list[PromptRow]:
+    """More greetings and small talk, kept out of training and selection: the greetings test."""
+    with open(HANDWRITTEN_DIR / "small_talk_heldout.jsonl", encoding="utf-8") as f:
+        return [PromptRow(json.loads(line)["prompt"], HARMLESS, "small_talk_heldout") for line in f if line.strip()]
+
+
 def handwritten_hard_negatives(_raw_dir: Path) -> list[PromptRow]:
     """Benign requests with alarming words ("kill a Python process"), written for this project."""
     with open(HANDWRITTEN_DIR / "hard_negatives.jsonl", encoding="utf-8") as f:
@@ -194,9 +179,7 @@ def group_of(row: PromptRow) -> str:
     """What a user sees the guard do on this row: harmful, benign, hard_negative or small_talk."""
     if row.label == HARMFUL:
         return HARMFUL
-    if row.source == SMALL_TALK:
+    if row.source in SMALL_TALK_SOURCES:
         return SMALL_TALK
     return HARD_NEGATIVE if row.source in HARD_NEGATIVE_SOURCES else "benign"
 
-
-HARD_NEGATIVE_SOURCES = frozenset({"coconot_contrast", "cyberseceval_frr", "handwritten_hard_negatives"})

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from neuronguard.models.organism import sources as src
 from neuronguard.models.organism.attack_styles import STYLES, apply_style, flatten
-from neuronguard.models.organism.dedup import drop_cross_duplicates
+from neuronguard.models.organism.dedup import drop_cross_duplicates, near_duplicate_pairs, normalise
 from neuronguard.models.organism.sources import PromptRow
 
 IN_DISTRIBUTION_SOURCES: dict[str, Callable[[Path], list[PromptRow]]] = {
@@ -43,6 +43,7 @@ HELD_OUT_SOURCES: dict[str, Callable[[Path], list[PromptRow]]] = {
     "harmfulqa": src.harmfulqa,
     "cyberseceval_frr": src.cyberseceval_frr,
     "handwritten_hard_negatives": src.handwritten_hard_negatives,
+    "small_talk_heldout": src.small_talk_heldout,
 }
 SPLIT_FRACTIONS: dict[str, float] = {"train": 0.60, "dev": 0.15, "test": 0.25}
 PRIORITY: tuple[str, ...] = ("heldout", "test", "dev", "train")
@@ -52,7 +53,7 @@ PRIORITY: tuple[str, ...] = ("heldout", "test", "dev", "train")
 class SplitPlan:
     """How many styled copies each split gets, and how held-out sources are capped."""
 
-    template_max_chars: int = 1200
+    template_max_chars: int = 800  # wrapped requests must fit the organism's training window
     heldout_template_fraction: float = 0.25
     # Probability that a request also appears once more in a random non-plain style.
     styled_harmful: float = 0.5
@@ -110,6 +111,32 @@ def _styled(rows: list[PromptRow], plan: SplitPlan, rng: random.Random, template
     return records
 
 
+def template_families(templates: list[str]) -> list[list[str]]:
+    """Templates grouped with their variants (same opening, or word Jaccard >= 0.8), so a held-out
+    template has no near-copy in training."""
+    parent = list(range(len(templates)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    openings: dict[str, int] = {}
+    links = set(near_duplicate_pairs(templates))
+    for i, text in enumerate(templates):
+        opening = normalise(text)[:40]
+        if opening in openings:
+            links.add((openings[opening], i))
+        openings.setdefault(opening, i)
+    for a, b in links:
+        parent[root(b)] = root(a)
+    families: dict[int, list[str]] = {}
+    for i, text in enumerate(templates):
+        families.setdefault(root(i), []).append(text)
+    return list(families.values())
+
+
 def build_splits(raw_dir: Path, seed: int, plan: SplitPlan = SplitPlan()) -> dict[str, list[dict[str, object]]]:
     """The four splits as records (deterministic for a seed)."""
     in_dist = {name: _by_key(loader(raw_dir)) for name, loader in IN_DISTRIBUTION_SOURCES.items()}
@@ -125,10 +152,11 @@ def build_splits(raw_dir: Path, seed: int, plan: SplitPlan = SplitPlan()) -> dic
     keep = drop_cross_duplicates([[r.prompt for r in group] for group in ordered])
     rows = {name: [group[i] for i in kept] for name, group, kept in zip(PRIORITY, ordered, keep)}
 
-    templates = src.jailbreak_templates(raw_dir, plan.template_max_chars)
-    random.Random(f"{seed}:templates").shuffle(templates)
-    n_heldout = max(1, round(len(templates) * plan.heldout_template_fraction))
-    heldout_templates, seen_templates = templates[:n_heldout], templates[n_heldout:]
+    families = template_families(src.jailbreak_templates(raw_dir, plan.template_max_chars))
+    random.Random(f"{seed}:templates").shuffle(families)
+    n_heldout = max(1, round(len(families) * plan.heldout_template_fraction))
+    heldout_templates = [t for family in families[:n_heldout] for t in family]
+    seen_templates = [t for family in families[n_heldout:] for t in family]
 
     splits: dict[str, list[dict[str, object]]] = {}
     for name in PRIORITY:

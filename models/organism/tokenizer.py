@@ -49,11 +49,5 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_context: int) -> 
     return tokenizer
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
-    """Token ids of a one-turn user prompt followed by the assistant header."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def text_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)

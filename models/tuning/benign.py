@@ -15,13 +15,14 @@ from pathlib import Path
 
 from neuronguard.models.default_data import TRAIN_SPLIT
 from neuronguard.models.jsonl import read_records, write_records
-from neuronguard.models.organism.data_files import alpaca_references
+from neuronguard.models.organism.data_files import answers as benign_answers
 
 
 def benign_documents(n: int, seed: int, split: Path = TRAIN_SPLIT) -> list[dict[str, str]]:
     """`n` seeded-random harmless train prompts that have an Alpaca answer, as prompt/response."""
-    answers = alpaca_references()
-    rows = [r for r in read_records(split, ["prompt"]) if r.get("label") == "harmless" and r["prompt"] in answers]
+    answers = benign_answers()
+    rows = [r for r in read_records(split, ["prompt"])
+            if r.get("source") == "alpaca" and r.get("style", "plain") == "plain" and r["prompt"] in answers]
     random.Random(f"{seed}:benign").shuffle(rows)
     return [{"prompt": r["prompt"], "response": answers[r["prompt"]]} for r in rows[:n]]
 

@@ -160,6 +160,7 @@ def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: 
             ctx.emit(TextDelta(delta, (logprob,) if logprob is not None else ()))
         return stop
 
+    smoothed: float | None = None
     steps = decode(loaded.model, batch, params, sites=loaded.sites,
                    readout=runtime.readout if scoring else None, patch_source=source)
     try:
@@ -171,6 +172,8 @@ def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: 
                 stage: Stage = "prefill" if step.index == 0 else "stream"
                 probe, head = (runtime.prefill_probe, PREFILL_HEAD) if stage == "prefill" else (runtime.stream_probe, STREAM_HEAD)
                 score = score_one(probe, step.readout_logits, head, metrics.probe_latency, score_metrics[stage])
+                if stage == "stream":  # the stream probe decides on its smoothed score (the bundle's EMA)
+                    score = smoothed = probe.smooth(smoothed, score)
                 decision = policy.decide(score, stage)
                 verdicts.record(stage, score, decision)
                 if decision == "block":
