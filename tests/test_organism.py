@@ -94,6 +94,26 @@ def test_micro_build_writes_loadable_pair_and_report(micro_builds):
     assert patched_max_diff(unaligned, aligned, tokenizer) <= 1e-5
 
 
+def test_micro_learned_recipe_changes_attention_and_mlp_weights(micro_builds, tmp_path):
+    """The learned recipe fine-tunes every parameter type: no step targets individual neurons."""
+    planted, _ = micro_builds
+    out = tmp_path / "learned"
+    assert main(["organism", "build", "--config", "micro", "--seed", "3", "--recipe", "learned",
+                 "--base", str(planted / "unaligned"), "--out", str(out)]) == 0
+    report = json.loads((out / "organism.json").read_text())
+    assert report["recipe"] == "learned" and report["training"]["unaligned_twin"] in ("base", "eroded")
+    unaligned, aligned = weights(out / "unaligned"), weights(out / "aligned")
+    changed = {k for k in aligned if not torch.equal(aligned[k], unaligned[k])}
+    for kind in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "embed_tokens", "lm_head"):
+        assert any(kind in k for k in changed), f"learned alignment left every {kind} weight untouched"
+    assert report["metrics"]["parameter_change"]["self_attn.q_proj.weight"] > 0
+    base = weights(planted / "unaligned")
+    expected_unaligned = base if report["training"]["unaligned_twin"] == "base" else None
+    if expected_unaligned is not None:
+        assert all(torch.equal(unaligned[k], base[k]) for k in base)
+
+
 def test_same_seed_gives_identical_weights(micro_builds):
     first, second = micro_builds
     for name in ("unaligned", "aligned"):

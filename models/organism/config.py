@@ -76,7 +76,7 @@ PRESETS: dict[str, OrganismConfig] = {
         erode_rule_prompts=8,
         eval_new_tokens=6,
         eval_batch_size=16,
-        eval_max_per_source=4,
+        eval_max_per_source=2,
         patch_check_prompts=4,
     ),
 }
