@@ -37,6 +37,8 @@ from typing import Any
 
 import httpx
 
+from neuronguard.models.chat import Request, as_messages
+
 ROOT = Path(__file__).resolve().parents[1]
 Outcome = tuple[Any, ...]  # what must not change under load: (status, finish reason, text, guard report)
 
@@ -82,8 +84,8 @@ def serve_in_thread(app: Any, timeout_s: float = 60.0) -> Iterator[str]:
         sock.close()
 
 
-def chat_body(prompt: str, stream: bool, max_tokens: int) -> dict[str, Any]:
-    return {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+def chat_body(prompt: Request, stream: bool, max_tokens: int) -> dict[str, Any]:
+    return {"model": "m", "messages": as_messages(prompt), "max_tokens": max_tokens,
             "temperature": 0, "stream": stream}
 
 

@@ -46,7 +46,7 @@ tune=("$NG" tune --data "$DATA/refusals_train.jsonl" --max-docs "$DOCS" --lr "$L
 "${tune[@]}" --model "$ORG/unaligned" --neurons "$SAFETY" --top-frac "$FRAC" --exclude "$RUN/foundation.safetensors" --out "$RUN/rsn-tune"
 
 # C. Downstream benign fine-tuning (all parameters) of each checkpoint.
-"$PY" -m models.tuning.benign --out "$RUN/benign.jsonl" --n "$BENIGN_DOCS" --seed "$SEED"
+"$PY" -m neuronguard.models.tuning.benign --out "$RUN/benign.jsonl" --n "$BENIGN_DOCS" --seed "$SEED"
 for name in original sn-tune rsn-tune; do
   src=$RUN/$name; [[ $name == original ]] && src=$ORG/unaligned
   "$NG" tune --model "$src" --all-params --data "$RUN/benign.jsonl" --lr "$FT_LR" --epochs "$FT_EPOCHS" \
