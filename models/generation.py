@@ -142,7 +142,7 @@ class _LogitProcessor:
             self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(self.counts[:, :1]))
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
     # Shift by the max first: dividing raw logits by a tiny temperature would overflow to inf.
@@ -234,7 +234,7 @@ def decode(
             if processor is None:
                 processor = _LogitProcessor(params, logits.shape[0], logits.shape[-1], logits.device)
             processed = processor(logits)
-            tokens = _sample(processed, params, generator)
+            tokens = sample(processed, params, generator)
             processor.record(tokens)
             chosen = top = None
             if params.logprobs is not None:

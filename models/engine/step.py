@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.generation.continuous_batching.requests import FutureRequestState
 
-from neuronguard.models.generation import PatchSource, _sample
+from neuronguard.models.generation import PatchSource, sample
 from neuronguard.models.hooks import DeviceCache, registered
 from neuronguard.models.readout import LinearReadout
 from neuronguard.models.sites import NeuronSites
@@ -225,7 +225,7 @@ class RequestSampler:
         for row, live in enumerate(plan.new_token):
             if live is None or live.request.params.temperature <= 0:
                 continue
-            token = _sample(scores[row : row + 1], live.request.params, live.generator)
+            token = sample(scores[row : row + 1], live.request.params, live.generator)
             if out is scores:
                 out = scores.clone()
             out[row].fill_(float("-inf"))
