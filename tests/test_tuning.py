@@ -131,6 +131,20 @@ def test_tuning_is_deterministic_for_a_seed(tiny_llama_path: Path, tmp_path: Pat
     assert all(torch.equal(first[name], second[name]) for name in first)
 
 
+def test_random_control_tunes_as_many_random_neurons_per_layer(tiny_llama_path: Path, tmp_path: Path) -> None:
+    loaded = load_model(tiny_llama_path)
+    neurons = mlp_set(loaded, tmp_path / "n.safetensors")
+    out = tmp_path / "random"
+    assert run(["tune", "--model", tiny_llama_path, "--neurons", neurons, "--k", 12, "--random", 5,
+                "--data", write_docs(tmp_path / "d.jsonl"), "--out", out, "--lr", 1e-2, "--epochs", 1, "--batch-size", 2]) == 0
+    top = NeuronSet.load(neurons).top(12)
+    control = top.random_like(loaded.sites.d_mlp, 5)
+    assert control.per_layer_counts() == top.per_layer_counts()
+    assert_only_mask_changed(tiny_llama_path, out, build_mask(loaded, mlp_rows(control)))
+    manifest = json.loads((out / "tune.json").read_text())
+    assert manifest["method"] == "sn-tune-random" and manifest["neurons"]["random_seed"] == 5
+
+
 def test_weight_row_set_on_gqa_model_tunes_exactly_its_rows(tiny_llama_path: Path, tmp_path: Path) -> None:
     loaded = load_model(tiny_llama_path)
     assert loaded.model.config.num_key_value_heads < loaded.model.config.num_attention_heads  # GQA

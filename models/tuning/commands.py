@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_selection(tune)
     tune.add_argument("--data", type=Path, required=True, help='JSONL of {"prompt", "response"} documents')
     tune.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    tune.add_argument("--random", type=int, metavar="SEED",
+                      help="tune as many random neurons per layer as the chosen set has instead (the control)")
     tune.add_argument("--exclude", type=Path, help="foundation-neuron file to leave untouched (RSN-Tune)")
     exclude = tune.add_mutually_exclusive_group()
     exclude.add_argument("--exclude-top-frac", type=float, help="use the top F of the model's neurons from --exclude")
@@ -74,12 +76,14 @@ def run_tune(args: argparse.Namespace) -> int:
 
     hp = TrainParams(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_grad_norm=args.max_grad_norm, seed=args.seed)
     _check_hyperparameters(hp)
+    if args.random is not None and args.neurons is None:
+        raise UsageError("--random needs --neurons (it draws as many random neurons per layer as that set)")
     manifest = tune(
         ModelChoice(args.model, args.device, args.dtype),
         args.data,
         args.out,
         hp,
-        neurons=SetChoice(args.neurons, args.k, args.top_frac) if args.neurons else None,
+        neurons=SetChoice(args.neurons, args.k, args.top_frac, args.random) if args.neurons else None,
         exclude=SetChoice(args.exclude, args.exclude_k, args.exclude_top_frac) if args.exclude else None,
         max_docs=args.max_docs,
         retain=args.retain,

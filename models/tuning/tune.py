@@ -34,11 +34,13 @@ DEACTIVATE_MANIFEST = "deactivate.json"
 
 @dataclass(frozen=True)
 class SetChoice:
-    """A neuron file and how much of it to use."""
+    """A neuron file and how much of it to use; with `random_seed`, as many random neurons per
+    layer instead (the control every SN-Tune result is compared with)."""
 
     path: Path
     k: int | None = None
     top_frac: float | None = None
+    random_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ def _set_info(choice: SetChoice, chosen: LoadedSet) -> dict[str, Any]:
         "method": chosen.metadata.get("method"),
         "k": choice.k,
         "top_frac": choice.top_frac,
+        "random_seed": choice.random_seed,
         "neurons": chosen.neurons,
     }
 
@@ -91,7 +94,7 @@ def _tuning_mask(
     loaded: LoadedModel, neurons: SetChoice, exclude: SetChoice | None
 ) -> tuple[WeightMask, LoadedSet, LoadedSet | None]:
     """Safety-neuron weights, minus whole foundation neurons' weights for RSN-Tune."""
-    safety = load_set(neurons.path, loaded, neurons.k, neurons.top_frac)
+    safety = load_set(neurons.path, loaded, neurons.k, neurons.top_frac, random_seed=neurons.random_seed)
     mask = build_mask(loaded, safety.rows)
     if exclude is None:
         return mask, safety, None
@@ -159,7 +162,8 @@ def tune(
     tuned = mask.count() if mask is not None else total
     manifest = {
         "format": "neuronguard.tune/1",
-        "method": "full" if mask is None else ("rsn-tune" if exclude is not None else "sn-tune"),
+        "method": "full" if mask is None else ("rsn-tune" if exclude is not None else "sn-tune") + (
+            "-random" if neurons is not None and neurons.random_seed is not None else ""),
         "base_model": _base_info(loaded),
         "neurons": _set_info(neurons, safety) if neurons is not None and safety is not None else None,
         "exclude": _set_info(exclude, foundation) if exclude is not None and foundation is not None else None,
