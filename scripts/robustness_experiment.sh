@@ -27,14 +27,19 @@ FOUNDATION_PROMPTS=${FOUNDATION_PROMPTS:-models/tuning/data/general_text_prompts
 BENIGN_DOCS=${BENIGN_DOCS:-400}; FT_LR=${FT_LR:-3e-4}; FT_EPOCHS=${FT_EPOCHS:-3}
 LIMIT=${LIMIT:-}                                      # cap prompts per kind in eval (quick runs)
 SEED=${SEED:-0}
+RANDOM_SEEDS=${RANDOM_SEEDS:-"1 2 3"}                  # random-neuron controls of SN-Tune
 
 mkdir -p "$RUN"
 tune=("$NG" tune --data "$DATA/refusals_train.jsonl" --max-docs "$DOCS" --lr "$LR" --epochs "$EPOCHS"
       --batch-size "$BATCH" --seed "$SEED" --overwrite)
 [[ -n $RETAIN ]] && tune+=(--retain "$RETAIN" --max-retain-docs "$RETAIN_DOCS" --retain-target-tokens "$RETAIN_TOKENS")
 
-# A. SN-Tune and full fine-tuning on the same documents.
+# A. SN-Tune, the same recipe on random neurons with the same per-layer counts (the control: an
+#    SN-Tune effect is claimed only where the safety neurons beat these), and full fine-tuning.
 "${tune[@]}" --model "$ORG/unaligned" --neurons "$SAFETY" --top-frac "$FRAC" --out "$RUN/sn-tune"
+for r in $RANDOM_SEEDS; do
+  "${tune[@]}" --model "$ORG/unaligned" --neurons "$SAFETY" --top-frac "$FRAC" --random "$r" --out "$RUN/sn-tune-random-$r"
+done
 "${tune[@]}" --model "$ORG/unaligned" --all-params --out "$RUN/full-tune"
 
 # B. Deactivation of the aligned organism: safety neurons vs as many random ones per layer.
@@ -55,6 +60,7 @@ done
 
 # D. Evaluate everything side by side.
 models=()
+for r in $RANDOM_SEEDS; do models+=(--label "sn-tune-random-$r" --model "$RUN/sn-tune-random-$r"); done
 for pair in "original=$ORG/unaligned" "aligned=$ORG/aligned" "sn-tune=$RUN/sn-tune" "full-tune=$RUN/full-tune" \
             "rsn-tune=$RUN/rsn-tune" "deact-sn=$RUN/deact-sn" "deact-r=$RUN/deact-r" \
             "original+ft=$RUN/original+ft" "sn-tune+ft=$RUN/sn-tune+ft" "rsn-tune+ft=$RUN/rsn-tune+ft"; do
