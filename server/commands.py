@@ -37,7 +37,17 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--api-key", "api_keys", {"action": "append", "metavar": "KEY", "help": "accepted Bearer key (repeatable)"}),
     ("--guard-mode", "guard_mode", {"choices": GUARD_MODES, "help": "server guard policy (default block)"}),
     ("--patch-k", "patch_k", {"type": int, "help": "neurons patched live (default: the bundle's)"}),
-    ("--max-queue", "max_queue", {"type": int, "help": "queued jobs (one per choice) before 503 (default 64)"}),
+    ("--engine", "engine", {"choices": ("batched", "serial"),
+                            "help": "'batched': continuous batching, many requests per step; 'serial': one request "
+                                    "at a time (default serial)"}),
+    ("--engine-kv-blocks", "engine_kv_blocks", {"type": int, "metavar": "N",
+                                                "help": "batched engine: KV cache blocks of 32 tokens, shared by all "
+                                                        "requests (default 256)"}),
+    ("--engine-max-batch-tokens", "engine_max_batch_tokens", {"type": int, "metavar": "N",
+                                                              "help": "batched engine: tokens per step; longer prompts "
+                                                                      "prefill in chunks (default 256)"}),
+    ("--max-queue", "max_queue", {"type": int, "help": "queued jobs (one per choice) before 503; with --engine batched, "
+                                                       "requests in flight (default 64)"}),
     ("--max-tokens-default", "max_tokens_default", {"type": int, "metavar": "N",
                                                     "help": "chat tokens when a request sets no max_tokens (default 256)"}),
     ("--max-body-bytes", "max_body_bytes", {"type": int, "help": "request body limit (default 1000000)"}),

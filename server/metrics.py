@@ -40,10 +40,16 @@ class Metrics:
             "neuronguard_probe_latency_seconds", "Time to score one probe call.", buckets=_PROBE_BUCKETS, registry=r
         )
         self.patched_tokens = Counter("neuronguard_patched_tokens", "Positions whose neurons were live-patched.", registry=r)
-        self.queue_depth = Gauge("neuronguard_queue_depth", "Jobs waiting for the model worker.", registry=r)
-        self.running = Gauge("neuronguard_running_requests", "Jobs running on the model worker.", registry=r)
+        self.queue_depth = Gauge("neuronguard_queue_depth", "Jobs waiting for the serial model worker.", registry=r)
+        self.running = Gauge("neuronguard_running_requests", "Jobs running on the serial worker or in flight on the batching engine.", registry=r)
         self.registered_hooks = Gauge(
-            "neuronguard_registered_hooks", "Forward hooks on the served model and patch source (0 between jobs).", registry=r
+            "neuronguard_registered_hooks", "Forward hooks on the served model and patch source beyond the batching engine's own (0 between jobs).", registry=r
+        )
+        self.batch_size = Gauge(
+            "neuronguard_batch_size", "Requests in the batching engine's latest step (0 with --engine serial).", registry=r
+        )
+        self.kv_cache_usage = Gauge(
+            "neuronguard_kv_cache_usage", "Fraction of the batching engine's paged KV cache in use.", registry=r
         )
         self.ready = Gauge("neuronguard_ready", "1 once model, bundle and patch source are loaded.", registry=r)
         self.model_info = Gauge("neuronguard_model_info", "The served model and guard bundle.", ["model", "bundle"], registry=r)

@@ -1,11 +1,18 @@
-"""One worker thread owns every forward pass; asyncio handlers submit jobs and await events.
+"""Two ways to run jobs on the model; asyncio handlers submit them and await their events.
 
-Hooks are global state on a shared model, so jobs run one at a time: a job's hooks exist
-only while it runs, and no other request's forward pass can see them. The queue is
-bounded: a full queue is an `Overloaded` error (HTTP 503 with Retry-After) instead of
-unbounded latency. Each job reports through an asyncio queue (one event per released token
-when streaming) and checks its cancel flag every decoding step, so a client that goes away
-stops its generation at the next token.
+`Scheduler`, the serial engine: one worker thread runs jobs one at a time. Hooks are global
+state on a shared model, so a job's hooks exist only while it runs, and no other request's
+forward pass can see them. Its queue is bounded: a full queue is an `Overloaded` error (HTTP
+503 with Retry-After) instead of unbounded latency. Each job reports through an asyncio queue
+(one event per released token when streaming) and checks its cancel flag every decoding
+step, so a client that goes away stops its generation at the next token. Next to the
+batching engine, each serial job runs inside the engine's `exclusive()` pause.
+
+`BatchScheduler`, the batched engine: a thin bridge to `GuardedBatchEngine`. Each job is an
+`EngineRequest` and a `StepConsumer` that the engine thread feeds every `TokenEvent`; when
+the consumer says the request is over (a block, a stop) the engine request is cancelled
+before its next step. Events reach the same asyncio queues, so callers see one `JobHandle`
+for both engines.
 """
 
 from __future__ import annotations
@@ -13,10 +20,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol
 
+from neuronguard.models.engine import (
+    EngineEvent,
+    EngineRequest,
+    ErrorEvent,
+    FinishedEvent,
+    GuardedBatchEngine,
+    TokenEvent,
+)
 from neuronguard.server.metrics import Metrics
 
 log = logging.getLogger("neuronguard.server")
@@ -42,6 +59,12 @@ class JobContext:
         self._loop = loop
         self._events = events
         self.cancelled = threading.Event()
+        self.on_cancel: Callable[[], None] | None = None  # stops the job's engine request, if it has one
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     def emit(self, event: Any) -> None:
         try:
@@ -66,7 +89,7 @@ class JobHandle:
         self.value: Any = None
 
     def cancel(self) -> None:
-        self._ctx.cancelled.set()
+        self._ctx.cancel()
 
     async def events(self) -> AsyncIterator[Any]:
         """Events emitted by the job; afterwards `value` holds its return value. Re-raises its exception."""
@@ -93,8 +116,10 @@ class _Failure:
 class Scheduler:
     """A bounded FIFO of jobs served by a single worker thread."""
 
-    def __init__(self, metrics: Metrics, max_queue: int, after_job: Callable[[], None] | None = None) -> None:
+    def __init__(self, metrics: Metrics, max_queue: int, after_job: Callable[[], None] | None = None,
+                 exclusive: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
         self._metrics = metrics
+        self._exclusive = exclusive  # held around each job and its check: the batching engine's pause
         self._queue: queue.Queue[tuple[JobBody, JobContext, asyncio.Queue[Any]] | None] = queue.Queue(maxsize=max_queue)
         self._after_job = after_job
         self._thread = threading.Thread(target=self._work, name="neuronguard-model-worker", daemon=True)
@@ -124,15 +149,18 @@ class Scheduler:
                 continue
             self._metrics.running.inc()
             try:
-                ctx.emit(_Done(body(ctx)))
+                with self._exclusive():
+                    try:
+                        ctx.emit(_Done(body(ctx)))
+                    finally:
+                        if self._after_job is not None:
+                            self._after_job()
             except Cancelled:
                 ctx.emit(_Done(None))
             except BaseException as exc:  # noqa: BLE001 - the worker must survive any job
                 ctx.emit(_Failure(exc))
             finally:
                 self._metrics.running.dec()
-                if self._after_job is not None:
-                    self._after_job()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Let queued jobs finish, then stop the worker."""
@@ -140,3 +168,107 @@ class Scheduler:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.warning("model worker did not stop within %.0f s", timeout_s)
+
+
+class StepConsumer(Protocol):
+    """What a batched job does with its request's steps (on the engine thread: keep it short)."""
+
+    def step(self, event: TokenEvent) -> bool:
+        """Take one step; True when the request is over (the engine stops it before its next step)."""
+        ...
+
+    def result(self) -> Any:
+        """The job's value once it is over."""
+        ...
+
+
+class BatchScheduler:
+    """Jobs as requests of one `GuardedBatchEngine`: at most `max_requests` in flight, then `Overloaded`."""
+
+    def __init__(self, engine: GuardedBatchEngine, metrics: Metrics, max_requests: int) -> None:
+        self.engine = engine
+        self._metrics = metrics
+        self._max_requests = max_requests
+        self._in_flight = 0
+        self.patched_in_flight = 0  # requests that run the patch source's hooks during steps
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+
+    def submit(self, request: EngineRequest, consumer: Callable[[JobContext], StepConsumer]) -> JobHandle:
+        """Queue a request (call from the event loop); `consumer(ctx)` builds what its steps go to.
+
+        Raises `Overloaded` when `max_requests` are in flight, `ValueError` for a request the
+        engine cannot take, `RuntimeError` when the engine is not running.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        ctx = JobContext(loop, events)
+        with self._lock:
+            if self._in_flight >= self._max_requests:
+                raise Overloaded
+            self._in_flight += 1
+            self.patched_in_flight += request.patch
+        self._metrics.running.inc()
+        rid = f"job-{next(self._ids)}"
+        sink = _EngineSink(self, ctx, consumer(ctx), rid, request.patch)
+        try:
+            self.engine.submit(request, sink, request_id=rid)
+        except BaseException:
+            sink.close()
+            raise
+        ctx.on_cancel = lambda: self.engine.cancel(rid)
+        if ctx.cancelled.is_set():  # cancelled while it was being submitted
+            self.engine.cancel(rid)
+        return JobHandle(ctx, events)
+
+    def _closed(self, patched: bool) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self.patched_in_flight -= patched
+        self._metrics.running.dec()
+
+    def close(self, timeout_s: float) -> None:
+        """Let the requests in flight finish (SIGTERM drain), for at most `timeout_s`; then stop the engine."""
+        self.engine.shutdown(drain=True, timeout=timeout_s)
+
+
+class _EngineSink:
+    """One request's engine events into its job: steps to the consumer, the end to the job's result."""
+
+    def __init__(self, owner: BatchScheduler, ctx: JobContext, consumer: StepConsumer, rid: str, patched: bool) -> None:
+        self._owner, self._ctx, self._consumer, self._rid, self._patched = owner, ctx, consumer, rid, patched
+        self._open = True
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._owner._closed(self._patched)
+
+    def _end(self, item: Any, stop_engine: bool) -> None:
+        self.close()
+        if stop_engine:
+            self._owner.engine.cancel(self._rid)  # re-enters this sink with a FinishedEvent: ignored
+        self._ctx.emit(item)
+
+    def __call__(self, event: EngineEvent) -> None:  # the engine thread (or a canceller's)
+        if not self._open:
+            return
+        if isinstance(event, TokenEvent):
+            if self._ctx.cancelled.is_set():
+                self._end(_Done(None), stop_engine=True)
+                return
+            try:
+                over = self._consumer.step(event)
+                value = self._consumer.result() if over else None
+            except Exception as exc:  # noqa: BLE001 - a guard failure fails its request closed, never the engine
+                self._end(_Failure(exc), stop_engine=True)
+                return
+            if over:
+                self._end(_Done(value), stop_engine=not event.finished)
+        elif isinstance(event, FinishedEvent):
+            if event.reason == "cancelled":  # the client went away (a block ends at its step, above)
+                self._end(_Done(None), stop_engine=False)
+            else:  # the engine ended the request before its consumer did: a step went missing
+                self._end(_Failure(RuntimeError(f"the engine finished request {self._rid} early ({event.reason})")), False)
+        elif isinstance(event, ErrorEvent):
+            self._end(_Failure(RuntimeError(event.message)), stop_engine=False)

@@ -23,6 +23,7 @@ DEFAULT_BUNDLE = str(ORGANISM_DIR / "bundle")
 DEFAULT_PATCH_SOURCE = str(ORGANISM_DIR / "aligned")
 _DISABLED = {"", "none", "off"}
 LogLevel = Literal["debug", "info", "warning", "error"]
+EngineKind = Literal["batched", "serial"]
 
 
 def _split(value: Any) -> Any:
@@ -53,6 +54,11 @@ class Settings(BaseSettings):
     dtype: str = DEFAULT_DTYPE
     guard_mode: GuardMode = "block"
     patch_k: int | None = Field(None, ge=1)  # None: the bundle's default
+    # 'batched': continuous batching on one GuardedBatchEngine; 'serial': one request at a time.
+    engine: EngineKind = "serial"
+    # The batching engine's paged KV cache (blocks of 32 tokens, shared by every request) and step size.
+    engine_kv_blocks: int = Field(256, ge=1)
+    engine_max_batch_tokens: int = Field(256, ge=1)
     max_queue: int = Field(64, ge=1)
     max_tokens_default: int = Field(256, ge=1)
     log_prompts: bool = False
@@ -74,7 +80,7 @@ class Settings(BaseSettings):
     def _disable(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.strip().lower() in _DISABLED else value
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "engine", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from neuronguard.server.errors import APIError
 from neuronguard.server.metrics import Metrics
 from neuronguard.server.runtime import Runtime
-from neuronguard.server.scheduler import Scheduler
+from neuronguard.server.scheduler import BatchScheduler, Scheduler
 from neuronguard.server.services.chat import ChatService
 from neuronguard.server.services.common import ServiceContext
 from neuronguard.server.services.completions import CompletionService
@@ -37,6 +37,8 @@ class AppState:
     metrics: Metrics
     runtime: Runtime | None = None
     scheduler: Scheduler | None = None
+    batch: BatchScheduler | None = None  # the batching engine's bridge (`--engine batched`)
+    engine_hooks: int = 0  # hooks the batching engine keeps on the models while it runs
     services: Services | None = None
     failure: str | None = None  # why the server cannot serve (load error, leaked hooks)
 

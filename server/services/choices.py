@@ -1,7 +1,7 @@
 """A request's choices: each one is a generation job of its own, with its own guard decision.
 
 Chat and legacy completions share this: the sampling parameters of choice i (seed + i), the
-jobs on the scheduler, waiting for every result, and the SSE stream that interleaves the
+jobs on the batching engine or the serial worker, waiting for every result, and the SSE stream that interleaves the
 choices' chunks as their tokens are released and ends with `data: [DONE]`.
 """
 
@@ -21,7 +21,16 @@ from neuronguard.server.errors import APIError
 from neuronguard.server.protocol import GenerationRequest, Usage
 from neuronguard.server.scheduler import JobHandle
 from neuronguard.server.services.common import ServiceContext, fail_closed, request_id, settle, submit
-from neuronguard.server.services.generation import GenerationJob, GenerationResult, TextDelta, run_generation
+from neuronguard.server.services.generation import (
+    EngineSteps,
+    GenerationJob,
+    GenerationResult,
+    GuardedStream,
+    TextDelta,
+    engine_request,
+    run_generation,
+    serial_only,
+)
 
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy in all but name
 Event = tuple[int, TextDelta | GenerationResult]  # (choice index, a released delta or the choice's result)
@@ -57,6 +66,28 @@ def sse(payload: BaseModel | dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+def batchable(ctx: ServiceContext, job: GenerationJob) -> bool:
+    """Whether the batching engine can decode `job` exactly as the serial engine would.
+
+    Logprobs, penalties and logit_bias need the serial decoder's logits processing, and a
+    request longer than one engine request's KV capacity does not fit the paged cache: those
+    run on the serial worker (inside the engine's pause), never with a parameter dropped.
+    """
+    batch = ctx.batch
+    if batch is None or serial_only(job.params) is not None:
+        return False
+    return len(job.prompt_ids) + job.params.max_new_tokens + 1 <= batch.engine.max_request_tokens
+
+
+def start(ctx: ServiceContext, job: GenerationJob) -> JobHandle:
+    """Start one choice's job on the batching engine when it can take it, else on the serial worker."""
+    runtime, metrics = ctx.runtime, ctx.metrics
+    if ctx.batch is not None and batchable(ctx, job):
+        return ctx.batch.submit(engine_request(runtime, job),
+                                lambda c: EngineSteps(GuardedStream(runtime, metrics, job, c.emit)))
+    return ctx.scheduler.submit(lambda c: run_generation(runtime, metrics, job, c))
+
+
 def _result(handle: JobHandle) -> GenerationResult:
     """A finished job's result (a job only ends without one when this request cancelled it)."""
     if not isinstance(handle.value, GenerationResult):
@@ -68,9 +99,7 @@ class Choices:
     """The queued jobs of one request, in choice order."""
 
     def __init__(self, ctx: ServiceContext, jobs: Sequence[GenerationJob]) -> None:
-        runtime, metrics = ctx.runtime, ctx.metrics
-        self.handles: list[JobHandle] = submit(
-            ctx.scheduler, [lambda c, job=job: run_generation(runtime, metrics, job, c) for job in jobs])
+        self.handles: list[JobHandle] = submit([lambda job=job: start(ctx, job) for job in jobs])
 
     def cancel(self) -> None:
         for handle in self.handles:

@@ -22,7 +22,7 @@ from neuronguard.server.guard import GuardPolicy, PolicyError, resolve_policy
 from neuronguard.server.metrics import Metrics
 from neuronguard.server.protocol import ChatMessage, GuardOptions
 from neuronguard.server.runtime import Runtime
-from neuronguard.server.scheduler import JobBody, JobHandle, Overloaded, Scheduler
+from neuronguard.server.scheduler import BatchScheduler, JobHandle, Overloaded, Scheduler
 from neuronguard.server.settings import Settings
 
 log = logging.getLogger("neuronguard.server")
@@ -39,9 +39,10 @@ class ServiceContext:
     """What every service works with; built once when the model is loaded."""
 
     runtime: Runtime
-    scheduler: Scheduler
+    scheduler: Scheduler  # the serial worker (prefill-only scoring, and requests the batching engine cannot do)
     settings: Settings
     metrics: Metrics
+    batch: BatchScheduler | None = None  # the batching engine, with `--engine batched`
 
 
 class ClientGone(Exception):
@@ -115,16 +116,18 @@ def policy_for(runtime: Runtime, settings: Settings, options: GuardOptions | Non
     return policy
 
 
-def submit(scheduler: Scheduler, bodies: Sequence[JobBody]) -> list[JobHandle]:
-    """Queue one job per body; all or none (a full queue cancels the ones already queued: 503)."""
+def submit(starts: Sequence[Callable[[], JobHandle]]) -> list[JobHandle]:
+    """Queue one job per starter; all or none (a full queue cancels the ones already queued: 503)."""
     handles: list[JobHandle] = []
     try:
-        for body in bodies:
-            handles.append(scheduler.submit(body))
-    except Overloaded:
+        for start in starts:
+            handles.append(start())
+    except BaseException as exc:
         for handle in handles:
             handle.cancel()
-        raise overloaded() from None
+        if isinstance(exc, Overloaded):
+            raise overloaded() from None
+        raise
     return handles
 
 

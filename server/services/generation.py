@@ -1,16 +1,18 @@
-"""Guarded generation, run on the model worker thread (one request at a time).
+"""Guarded generation: one request's guard over its steps, on the serial worker or the batching engine.
 
 The prefill probe reads the served model's activations at the last prompt token from the
 prefill that generation needs anyway (no second prompt forward). Each generated token is
 held back until the stream probe has read the model's activations *on that token* (the
 next step's forward): a token reaches the client only after the guard has seen it, so
 streaming cannot bypass the guard. The last token of a length-limited generation costs
-one extra forward to be scored.
+one extra forward to be scored. `GuardedStream` is that rule; the serial engine feeds it
+`decode`'s steps, the batched engine its `TokenEvent`s (server/scheduler.py).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -18,6 +20,7 @@ from prometheus_client import Histogram
 from transformers import PreTrainedTokenizerBase
 
 from neuronguard.models.artifact.probe import Probe
+from neuronguard.models.engine import EngineRequest, TokenEvent
 from neuronguard.models.generation import SamplingParams, Step, decode, left_pad
 from neuronguard.server.guard import Decision, GuardPolicy, Stage
 from neuronguard.server.metrics import Metrics
@@ -98,12 +101,12 @@ class _Verdicts:
 
 
 def score_one(probe: Probe, logits: torch.Tensor, head: int, latency: Histogram, scores: Histogram) -> float:
-    """Probe score of row 0 from the step's readout logits [b, heads]; observes latency and score.
+    """Probe score from one request's readout logits [heads]; observes latency and score.
 
     The logit was summed inside the forward pass, so the latency histogram times only the
     scoring done after it (the read is outside the timer: on a GPU it waits for the forward).
     """
-    logit = float(logits[0, head])
+    logit = float(logits[head])
     start = time.perf_counter()
     score = probe.score_logit(logit)
     latency.observe(time.perf_counter() - start)
@@ -124,83 +127,148 @@ def _logprob(tokenizer: PreTrainedTokenizerBase, step: Step) -> Logprob:
     return Logprob(texts[0], floor(step.logprobs[0]), tuple(zip(texts[1:], map(floor, values[0].tolist()))))
 
 
-def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: JobContext) -> GenerationResult:
-    """Decode one request under its guard policy, emitting a `TextDelta` per released chunk."""
-    policy = job.policy
-    loaded = runtime.loaded
-    budget = job.params.max_new_tokens
-    scoring = policy.scores
-    params = replace(job.params, max_new_tokens=budget + 1 if scoring else budget, stop_token_ids=runtime.stop_token_ids)
-    batch = left_pad([job.prompt_ids], loaded.tokenizer.pad_token_id, loaded.device)
-    source = runtime.patch_source if policy.patches else None
-    stream = TextStream(loaded.tokenizer, job.stops)
-    verdicts = _Verdicts(policy, patched=source is not None)
-    metrics.prompt_tokens.inc(len(job.prompt_ids))
-    score_metrics = {stage: metrics.probe_score.labels(stage) for stage in ("prefill", "stream")}
-    released = 0
-    last_release = job.arrival
-    pending: int | None = None
-    pending_logprob: Logprob | None = None
-    logprobs: list[Logprob] = []
-    wants_logprobs = params.logprobs is not None
-    finish: FinishReason = "length"
-    blocked: Stage | None = None
-    stopped_by_string = False
+def decode_params(runtime: Runtime, job: GenerationJob) -> SamplingParams:
+    """The decoder's parameters: one step more than the budget when scoring (to score the last token)."""
+    budget = job.params.max_new_tokens + 1 if job.policy.scores else job.params.max_new_tokens
+    return replace(job.params, max_new_tokens=budget, stop_token_ids=runtime.stop_token_ids)
 
-    def release(token: int, logprob: Logprob | None) -> bool:
-        nonlocal released, last_release
-        released += 1
-        delta, stop = stream.push(token)
+
+class GuardedStream:
+    """One request's guard over its decoding steps, the same for both engines.
+
+    Feed it every step (`step`), in order; it scores the readout (prefill probe on step 0,
+    the smoothed stream probe after), holds each token back until its own score allowed
+    it, releases text through the stop-string stream and says when the request is over.
+    `emit` receives each `TextDelta` (called on the thread that feeds the steps).
+    """
+
+    def __init__(self, runtime: Runtime, metrics: Metrics, job: GenerationJob, emit: Callable[[TextDelta], None]) -> None:
+        self.runtime, self.metrics, self.job, self._emit = runtime, metrics, job, emit
+        self.budget = job.params.max_new_tokens
+        self.scoring = job.policy.scores
+        self.patched = job.policy.patches and runtime.patch_source is not None
+        self.stream = TextStream(runtime.loaded.tokenizer, job.stops)
+        self.verdicts = _Verdicts(job.policy, patched=self.patched)
+        self.score_metrics = {stage: metrics.probe_score.labels(stage) for stage in ("prefill", "stream")}
+        self.released = 0
+        self.last_release = job.arrival
+        self.pending: int | None = None
+        self.pending_logprob: Logprob | None = None
+        self.logprobs: list[Logprob] = []
+        self.finish: FinishReason = "length"
+        self.blocked: Stage | None = None
+        self.stopped_by_string = False
+        self.smoothed: float | None = None
+        metrics.prompt_tokens.inc(len(job.prompt_ids))
+
+    def decode_params(self) -> SamplingParams:
+        return decode_params(self.runtime, self.job)
+
+    def _release(self, token: int, logprob: Logprob | None) -> bool:
+        self.released += 1
+        delta, stop = self.stream.push(token)
         now = time.perf_counter()
-        metrics.ttft.observe(now - job.arrival) if released == 1 else metrics.itl.observe(now - last_release)
-        last_release = now
+        metric = self.metrics.ttft if self.released == 1 else self.metrics.itl
+        metric.observe(now - (self.job.arrival if self.released == 1 else self.last_release))
+        self.last_release = now
         if logprob is not None:
-            logprobs.append(logprob)
+            self.logprobs.append(logprob)
         if delta or logprob is not None:
-            ctx.emit(TextDelta(delta, (logprob,) if logprob is not None else ()))
+            self._emit(TextDelta(delta, (logprob,) if logprob is not None else ()))
         return stop
 
-    smoothed: float | None = None
+    def step(self, index: int, token: int, readout: torch.Tensor | None, patched_positions: int = 0,
+             logprob: Logprob | None = None) -> bool:
+        """Feed step `index` (its sampled token, the readout [heads] at the row it read); True when the request ends."""
+        runtime, metrics = self.runtime, self.metrics
+        metrics.patched_tokens.inc(patched_positions)
+        if self.scoring:
+            if readout is None:
+                raise RuntimeError("the guard readout is missing for a scored step")
+            stage: Stage = "prefill" if index == 0 else "stream"
+            probe, head = (runtime.prefill_probe, PREFILL_HEAD) if stage == "prefill" else (runtime.stream_probe, STREAM_HEAD)
+            score = score_one(probe, readout, head, metrics.probe_latency, self.score_metrics[stage])
+            if stage == "stream":  # the stream probe decides on its smoothed score (the bundle's EMA)
+                score = self.smoothed = probe.smooth(self.smoothed, score)
+            decision = self.job.policy.decide(score, stage)
+            self.verdicts.record(stage, score, decision)
+            if decision == "block":
+                self.finish, self.blocked = "content_filter", stage
+                return True
+            if self.pending is not None and self._release(self.pending, self.pending_logprob):  # it passed the probe
+                self.finish, self.stopped_by_string = "stop", True
+                return True
+            self.pending = None
+        if index == self.budget:  # the extra step that scored the last token
+            return True
+        metrics.generation_tokens.inc()
+        if token in runtime.stop_token_ids:
+            self.finish = "stop"
+            return True
+        if self.scoring:
+            self.pending, self.pending_logprob = token, logprob
+        elif self._release(token, logprob):
+            self.finish, self.stopped_by_string = "stop", True
+            return True
+        return False
+
+    def result(self) -> GenerationResult:
+        """The request's result once no step follows: the held-back text flushed, the verdicts counted."""
+        if not self.stopped_by_string:
+            tail = self.stream.flush()
+            if tail:
+                self._emit(TextDelta(tail))
+        self.verdicts.count(self.metrics)
+        return GenerationResult(self.finish, self.released, self.verdicts.report(), self.blocked, self.stream.text,
+                                self.logprobs)
+
+
+class EngineSteps:
+    """A `GuardedStream` fed by the batching engine's `TokenEvent`s (a `scheduler.StepConsumer`)."""
+
+    def __init__(self, guard: GuardedStream) -> None:
+        self.guard = guard
+
+    def step(self, event: TokenEvent) -> bool:
+        return self.guard.step(event.index, event.token, event.readout_logits, event.patched_positions)
+
+    def result(self) -> GenerationResult:
+        return self.guard.result()
+
+
+def engine_request(runtime: Runtime, job: GenerationJob) -> EngineRequest:
+    policy = job.policy
+    return EngineRequest(tuple(job.prompt_ids), decode_params(runtime, job), readout=policy.scores,
+                         patch=policy.patches and runtime.patch_source is not None)
+
+
+def serial_only(params: SamplingParams) -> str | None:
+    """Why the batching engine cannot decode with `params` (it has no logits processing but its sampler), else None."""
+    if params.logprobs is not None:
+        return "logprobs"
+    if params.presence_penalty or params.frequency_penalty:
+        return "presence_penalty" if params.presence_penalty else "frequency_penalty"
+    if params.logit_bias:
+        return "logit_bias"
+    return None
+
+
+def run_generation(runtime: Runtime, metrics: Metrics, job: GenerationJob, ctx: JobContext) -> GenerationResult:
+    """Decode one request alone (the serial engine), emitting a `TextDelta` per released chunk."""
+    guard = GuardedStream(runtime, metrics, job, ctx.emit)
+    loaded = runtime.loaded
+    params = guard.decode_params()
+    batch = left_pad([job.prompt_ids], loaded.tokenizer.pad_token_id, loaded.device)
     steps = decode(loaded.model, batch, params, sites=loaded.sites,
-                   readout=runtime.readout if scoring else None, patch_source=source)
+                   readout=runtime.readout if guard.scoring else None,
+                   patch_source=runtime.patch_source if guard.patched else None)
     try:
         for step in steps:
             ctx.check()
-            metrics.patched_tokens.inc(step.patched_positions)
-            if scoring:
-                assert step.readout_logits is not None
-                stage: Stage = "prefill" if step.index == 0 else "stream"
-                probe, head = (runtime.prefill_probe, PREFILL_HEAD) if stage == "prefill" else (runtime.stream_probe, STREAM_HEAD)
-                score = score_one(probe, step.readout_logits, head, metrics.probe_latency, score_metrics[stage])
-                if stage == "stream":  # the stream probe decides on its smoothed score (the bundle's EMA)
-                    score = smoothed = probe.smooth(smoothed, score)
-                decision = policy.decide(score, stage)
-                verdicts.record(stage, score, decision)
-                if decision == "block":
-                    finish, blocked = "content_filter", stage
-                    break
-                if pending is not None and release(pending, pending_logprob):  # the pending token passed the probe
-                    finish, stopped_by_string = "stop", True
-                    break
-                pending = None
-            if step.index == budget:  # the extra forward that scored the last token
-                break
-            metrics.generation_tokens.inc()
-            token = int(step.tokens[0])
-            if token in runtime.stop_token_ids:
-                finish = "stop"
-                break
-            logprob = _logprob(loaded.tokenizer, step) if wants_logprobs else None
-            if scoring:
-                pending, pending_logprob = token, logprob
-            elif release(token, logprob):
-                finish, stopped_by_string = "stop", True
+            logprob = _logprob(loaded.tokenizer, step) if params.logprobs is not None and step.index < guard.budget else None
+            readout = step.readout_logits[0] if step.readout_logits is not None else None
+            if guard.step(step.index, int(step.tokens[0]), readout, step.patched_positions, logprob):
                 break
     finally:
         steps.close()  # removes every hook, also on errors and cancellation
-    if not stopped_by_string:
-        tail = stream.flush()
-        if tail:
-            ctx.emit(TextDelta(tail))
-    verdicts.count(metrics)
-    return GenerationResult(finish, released, verdicts.report(), blocked, stream.text, logprobs)
+    return guard.result()

@@ -1,0 +1,190 @@
+"""`--engine batched`: many chat requests decode together and each gets what it gets alone on the serial engine.
+
+Every comparison is against the serial engine with one request at a time: the same text,
+finish reason and guard report (decision, stage, score, patched) for 8 and 32 concurrent
+requests mixing harmful and harmless prompts, streaming and not, prefill and mid-stream
+blocks, and live patching on a subset. Disconnects cancel their engine request, guard
+failures fail closed, parameters the engine cannot do run on the serial path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from bench.load_test import metric, serve_in_thread
+from neuronguard.models.hooks import count_hooks
+from neuronguard.server.runtime import Runtime
+from neuronguard.server.settings import Settings
+from testkit.server_fixtures import HARMFUL, HARMLESS, api_client, sse_events
+from testkit.server_support import anyio_backend, app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.anyio
+PROMPTS = [HARMLESS, HARMFUL, HARMLESS + " Quickly.", "Mix flour and water", "Write a poem about the sea.",
+           "How do I knead dough?", "A poem about the wind, please.", HARMFUL + " Now."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+async def settled(engine: Any, timeout_s: float = 5.0) -> int:
+    """Requests still in the engine once its thread has finished the last answered ones (bounded wait)."""
+    deadline = time.perf_counter() + timeout_s
+    while engine.stats().active_requests and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
+    return engine.stats().active_requests
+
+
+def workload(n: int) -> list[dict[str, Any]]:
+    """n chat bodies: every prompt streaming and not, some patched, some with a stream threshold that blocks."""
+    bodies = []
+    for i in range(n):
+        prompt, extra = PROMPTS[i % len(PROMPTS)], {"stream": i % 2 == 1, "max_tokens": 6 + i % 7}
+        if i % 4 == 2:
+            extra["guard"] = {"mode": "block+patch"}
+        if i % 8 == 3:  # HARMLESS passes the prefill at 0.45 and is stopped mid-stream (test_server_api)
+            prompt, extra["guard"], extra["max_tokens"] = HARMLESS, {"threshold": 0.45}, 20
+        bodies.append(chat(prompt, **extra))
+    return bodies
+
+
+def comparable(response: httpx.Response) -> Any:
+    """What must not depend on the engine or the load: status, text, finish reason, guard report.
+
+    Probe scores are rounded: a packed step sums the readout in another order than a batch
+    of one (differences ~1e-7), while decisions, tokens and text must be identical.
+    """
+    if response.headers["content-type"].startswith("text/event-stream"):
+        events = sse_events(response.text)
+        text = "".join(c["delta"].get("content") or "" for e in events[:-1] if "choices" in e for c in e["choices"])
+        finish = [c.get("finish_reason") for e in events[:-1] if "choices" in e for c in e["choices"] if c.get("finish_reason")]
+        return response.status_code, text, finish, _rounded([e.get("guard") for e in events[:-1] if e.get("guard")])
+    body = response.json()
+    for volatile in ("id", "created"):
+        body.pop(volatile, None)
+    return response.status_code, _rounded(body)
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: round(v, 5) if k == "score" else _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def assert_same(responses: list[httpx.Response], expected: list[Any]) -> None:
+    for i, (response, alone_outcome) in enumerate(zip(responses, expected, strict=True)):
+        assert comparable(response) == alone_outcome, f"request {i}"
+
+
+async def alone(runtime: Runtime, settings: Settings, bodies: list[dict[str, Any]]) -> list[Any]:
+    async with api_client(app_for(runtime, settings, engine="serial")) as client:
+        return [comparable(await client.post("/v1/chat/completions", json=body)) for body in bodies]
+
+
+@pytest.mark.parametrize("clients", [8, 32])
+async def test_concurrent_requests_get_exactly_what_each_gets_alone_on_the_serial_engine(runtime, settings, clients) -> None:
+    bodies = workload(clients)
+    expected = await alone(runtime, settings, bodies)
+    app = app_for(runtime, settings, engine="batched")
+    async with api_client(app) as client:
+        engine = app.state.neuronguard.batch.engine
+        steps_before = engine.stats().steps
+        together = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for body in bodies))
+        steps = engine.stats().steps - steps_before
+        active = await settled(engine)
+        metrics = (await client.get("/metrics")).text
+    assert_same(together, expected)
+    assert active == 0
+    reports = [r[1].get("guard") if len(r) == 2 else (r[3] or [None])[-1] for r in expected]
+    stages = {(g["stage"], g["decision"]) for g in reports if g}
+    assert {("prefill", "block"), ("stream", "block"), ("prefill", "allow")} <= stages  # blocks at both stages
+    assert any(g["patched"] for g in reports if g) and not all(g["patched"] for g in reports if g)  # a patched subset
+    released = sum(len(r[1]["choices"][0]["message"]["content"]) if len(r) == 2 else len(r[1]) for r in expected)
+    assert released > 0 and steps < sum(b["max_tokens"] + 1 for b in bodies)  # they shared steps
+    assert "\nneuronguard_batch_size " in metrics and "\nneuronguard_kv_cache_usage " in metrics
+    assert "\nneuronguard_registered_hooks 0.0" in metrics and "\nneuronguard_running_requests 0.0" in metrics
+    assert count_hooks(runtime.loaded.model) == count_hooks(runtime.patch_source.model) == 0  # the engine removed its own
+
+
+async def test_parameters_the_engine_cannot_do_run_on_the_serial_path(runtime, settings) -> None:
+    bodies = [chat(HARMLESS, logprobs=True, top_logprobs=2), chat(HARMLESS, frequency_penalty=1.5, max_tokens=12),
+              chat(HARMLESS, logit_bias={"5": 100}), chat(HARMLESS, presence_penalty=-2.0, stream=True),
+              chat("Write a poem", temperature=0.9, seed=7), chat(HARMLESS, n=2, temperature=0.8, seed=3)]
+    expected = await alone(runtime, settings, bodies)
+    async with api_client(app_for(runtime, settings, engine="batched")) as client:
+        together = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for body in bodies))
+        moderation = await client.post("/v1/moderations", json={"input": [HARMLESS, HARMFUL]})
+    assert_same(together, expected)
+    assert moderation.status_code == 200 and [r["flagged"] for r in moderation.json()["results"]] == [False, True]
+
+
+def test_a_client_that_disconnects_cancels_its_engine_request(runtime, settings) -> None:
+    app = app_for(runtime, settings, engine="batched")
+    body = chat(HARMLESS, max_tokens=200, stream=True, guard={"mode": "block+patch"})
+    with serve_in_thread(app) as base:
+        engine = app.state.neuronguard.batch.engine
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+        start = time.perf_counter()
+        while engine.stats().active_requests or metric(base, "neuronguard_running_requests"):
+            assert time.perf_counter() - start < 10, "the engine request was not cancelled"
+            time.sleep(0.01)
+        freed_s = time.perf_counter() - start
+        generated = metric(base, "neuronguard_generation_tokens_total")
+        after = httpx.post(f"{base}/v1/chat/completions", json=chat(HARMLESS), timeout=30)
+    assert freed_s < 2.0 and generated < 150 and after.status_code == 200
+
+
+async def test_a_failing_probe_fails_closed_and_the_engine_serves_on(runtime, settings, monkeypatch) -> None:
+    calls: list[int] = []
+    stream_score = runtime.bundle.stream_probe.score_logit
+
+    def breaks_on_third_token(logit: float) -> float:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("probe exploded")
+        return stream_score(logit)
+
+    def broken(_logit: float) -> float:
+        raise RuntimeError("probe exploded")
+
+    app = app_for(runtime, settings, engine="batched")
+    async with api_client(app) as client:
+        with monkeypatch.context() as patched:
+            patched.setattr(runtime.bundle.probe, "score_logit", broken)
+            failed = await client.post("/v1/chat/completions", json=chat(HARMLESS))
+            failed_stream = await client.post("/v1/chat/completions", json=chat(HARMLESS, stream=True))
+        with monkeypatch.context() as patched:
+            patched.setattr(runtime.bundle.stream_probe, "score_logit", breaks_on_third_token)
+            mid_stream = sse_events((await client.post("/v1/chat/completions", json=chat(HARMLESS, stream=True))).text)
+        after = await client.post("/v1/chat/completions", json=chat(HARMLESS))
+        active = await settled(app.state.neuronguard.batch.engine)
+    for response in (failed, failed_stream):
+        assert response.status_code == 503 and response.json()["error"]["code"] == "guard_error"
+        assert "exploded" not in response.text
+    assert mid_stream[-2]["error"]["code"] == "guard_error" and mid_stream[-1] == "[DONE]"
+    assert after.status_code == 200 and after.json()["guard"]["decision"] == "allow" and active == 0
+
+
+def test_serve_flag_and_variable_choose_the_engine(monkeypatch) -> None:
+    from neuronguard.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--engine", "batched"])
+    assert args.engine == "batched"
+    monkeypatch.setenv("NEURONGUARD_ENGINE", "Batched")
+    assert Settings().engine == "batched"
+    monkeypatch.delenv("NEURONGUARD_ENGINE")
+    assert Settings().engine == "serial"
