@@ -262,6 +262,8 @@ def _run(aligned: LoadedModel, unaligned: LoadedModel, tmp: Path, config: BuildC
                         "dev_prefill_benign_blocked": thresholds.dev_prefill_benign_blocked, "dev_tpr_at_request_fpr": dev_curve,
                         "scores": "out-of-fold dev scores (folds by request, styled copies with their request)"},
         "guard": guard,
+        "guard_prompts": {"per_cell": config.eval_per_cell, "rule": "at most per_cell requests of each (source, style) of a split, in file order",
+                          "max_new_tokens": config.eval_new_tokens, "sampled": {"temperature": 1.0, "top_p": 1.0, "seed": config.seed}},
         "controls": controls,
         "text_baseline": {"model": "TF-IDF word 1-2 grams + logistic regression, fitted on dev", **text_info},
         "timings": timings,

@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--base-steps", type=int, help="override the preset's base training steps")
     build.add_argument("--align-steps", type=int, help="override the preset's alignment steps")
     build.add_argument("--align-lr", type=float, help="override the preset's alignment step size")
+    build.add_argument("--align-kl-weight", type=float, help="override the preset's KL weight on benign conversations")
+    build.add_argument("--learned-steps", type=int, help="override the preset's learned-alignment steps")
+    build.add_argument("--learned-lr", type=float, help="override the preset's learned-alignment learning rate")
     build.set_defaults(func=run_build)
 
     data = commands.add_parser("data", help="re-derive the data splits and text files from data/raw/")
@@ -44,7 +47,8 @@ def run_build(args: argparse.Namespace) -> int:
         raise UsageError(f"no data splits under {args.data_dir}: run `neuronguard organism data` first")
     if args.seed < 0:
         raise UsageError("--seed must be non-negative")
-    config = get_config(args.config, base_steps=args.base_steps, align_steps=args.align_steps, align_lr=args.align_lr)
+    config = get_config(args.config, base_steps=args.base_steps, align_steps=args.align_steps, align_lr=args.align_lr,
+                        align_kl_weight=args.align_kl_weight, learned_steps=args.learned_steps, learned_lr=args.learned_lr)
     if args.base is not None and not (args.base / "model.safetensors").is_file():
         raise UsageError(f"--base {args.base} is not a checkpoint folder (no model.safetensors)")
     out = args.out or (ORGANISM_DIR if args.recipe == "planted" else LEARNED_DIR)
