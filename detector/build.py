@@ -26,6 +26,7 @@ from neuronguard.detector.guard_probes import (
     Labeled,
     calibrate,
     choose_probe_k,
+    compare_pooling,
     decode_requests,
     fit_prefill,
     fit_stream,
@@ -221,6 +222,7 @@ def _run(aligned: LoadedModel, unaligned: LoadedModel, tmp: Path, config: BuildC
         probe_k, k_table = choose_probe_k(unaligned, neurons, dev, ks, seed=config.seed)
     else:
         probe_k, k_table = len(neurons.top_fraction(config.probe_fraction, total)), []
+    pooling = compare_pooling(unaligned, neurons.top(probe_k), dev, seed=config.seed)
     stream_k = len(neurons.top_fraction(config.stream_probe_fraction, total))
     readout_set = neurons.top(max(probe_k, stream_k))
     dev_decoded = decode_requests(unaligned, readout_set, dev, sampled, config.batch_size)  # as the server samples
@@ -254,7 +256,9 @@ def _run(aligned: LoadedModel, unaligned: LoadedModel, tmp: Path, config: BuildC
         "deactivation": deactivation,
         "probe": {"k": probe.k, "threshold": probe.threshold, "label": "request label (harmful/benign)",
                   "k_selection": {"rule": "smallest k within 0.002 of the best out-of-fold dev AUROC", "dev": k_table}
-                  if k_table else {"rule": f"fixed fraction {config.probe_fraction}"}, "sweep": sweep},
+                  if k_table else {"rule": f"fixed fraction {config.probe_fraction}"}, "sweep": sweep,
+                  "pooling": {"dev_cross_source_auroc": pooling, "shipped": "last (the readout the server sums inside the prefill)",
+                              "rule": "each dev source scored by a probe fitted on the other dev sources"}},
         "stream_probe": {"k": stream.k, "threshold": stream.threshold, "ema_alpha": stream.ema_alpha,
                          "trained_on": "dev generations sampled at temperature 1 (the server's default)"},
         "calibration": {"request_fpr_target": config.request_fpr, "dev_benign_blocked": thresholds.dev_benign_blocked,

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -32,6 +33,31 @@ def last_token_features(model: LoadedModel, prompts: Sequence[Request], selectio
             batch = pad_batch(model, [encode_prompt(model.tokenizer, p) for p in part])
             model.model(**forward_kwargs(model.model, batch))
             out.append(cap.last().cpu())
+    return torch.cat(out)
+
+
+Pooling = Literal["last", "mean", "max"]
+
+
+@torch.inference_mode()
+def pooled_features(model: LoadedModel, prompts: Sequence[Request], selection: NeuronSelection, pooling: Pooling,
+                    batch_size: int = 32) -> torch.Tensor:
+    """[n, k] activations pooled over every position of each rendered prompt (all turns, the
+    system message included): the last token, or the mean or max over the prompt's positions."""
+    if pooling == "last":
+        return last_token_features(model, prompts, selection, batch_size)
+    out = []
+    with capture(model.model, selection, sites=model.sites, positions="all") as cap:
+        for part in tqdm(list(chunks(prompts, batch_size)), desc=f"{pooling}-pooled features", unit="batch", leave=False):
+            cap.clear()
+            batch = pad_batch(model, [encode_prompt(model.tokenizer, p) for p in part])
+            model.model(**forward_kwargs(model.model, batch))
+            acts = cap.activations()  # [b, s, k]
+            mask = batch.attention_mask.bool().cpu()[:, :, None]
+            if pooling == "mean":
+                out.append((acts * mask).sum(1) / mask.sum(1))
+            else:
+                out.append(acts.masked_fill(~mask, float("-inf")).amax(1))
     return torch.cat(out)
 
 

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neuronguard.detector.calibration import RequestThresholds, choose_thresholds, tpr_at_request_fpr
-from neuronguard.detector.features import decoded_features, last_token_features
+from neuronguard.detector.features import decoded_features, last_token_features, pooled_features
 from neuronguard.detector.probe_training import (
     evaluate_scores,
     group_max,
@@ -75,6 +75,30 @@ def choose_probe_k(model: LoadedModel, neurons: NeuronSet, dev: Labeled, ks: Seq
     table = [{"k": k, "dev_oof_auroc": out_of_fold_auroc(x[:, :k], y, seed)} for k in tqdm(sorted(ks), desc="probe k on dev", unit="k")]
     best = max(row["dev_oof_auroc"] for row in table)
     return min(row["k"] for row in table if row["dev_oof_auroc"] >= best - tolerance), table
+
+
+def compare_pooling(model: LoadedModel, neurons: NeuronSet, dev: Labeled, *, seed: int) -> dict[str, float]:
+    """Cross-source AUROC on dev of last-token, mean- and max-pooled prefill probes.
+
+    Each dev source's requests are scored by a probe fitted on the other sources only, so the
+    figure says how a pooling transfers to a source it never saw; held-out splits play no part.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    sources = np.array([m.get("source", "") for m in dev.meta])
+    y = np.array(dev.labels)
+    out: dict[str, float] = {}
+    for pooling in ("last", "mean", "max"):
+        x = pooled_features(model, dev.prompts, neurons.selection(), pooling)
+        scores = np.zeros(len(y))
+        for source in np.unique(sources):
+            held = sources == source
+            if len(np.unique(y[~held])) < 2:
+                continue
+            probe = train_probe(x[~held], torch.tensor(y[~held]), neurons_sha256="pooling", position="last_prompt_token", seed=seed)
+            scores[held] = probe.score(x[held]).numpy()
+        out[pooling] = float(roc_auc_score(y, scores))
+    return out
 
 
 def fit_prefill(x: torch.Tensor, dev: Labeled, *, sha256: str, seed: int) -> tuple[Probe, np.ndarray]:

@@ -92,6 +92,7 @@ def test_bundle_build_round_trip(tiny_llama_path, tiny_twin_path, tmp_path: Path
     assert set(report["guard"]) == {"test", "heldout"} and set(report["guard"]["heldout"]) == {"greedy", "sampled"}
     assert report["controls"]["heldout"]["random_probe_auroc"]["seeds"] == 2 and "tfidf_auroc" in report["controls"]["heldout"]
     assert report["targets"]["split"] == "heldout"
+    assert set(report["probe"]["pooling"]["dev_cross_source_auroc"]) == {"last", "mean", "max"}
     assert set(report["recovery"]["precision_at_k"]) == {str(report["probe_k"]), str(report["patch_k"])}  # a per-row-scaled twin
     assert report["patching"]["greedy"]["sweep"][0]["random_spread"]["restoration_log_odds"]["n"] == 2
     _fails(argv, capsys, "--overwrite")
