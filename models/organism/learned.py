@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from neuronguard.models.organism.batching import EncodedExample, collate
-from neuronguard.models.organism.training import cosine_lr, lm_loss
+from neuronguard.models.organism.training import adamw_step, cosine_lr
 
 
 @torch.enable_grad()
@@ -48,15 +48,7 @@ def finetune(
     for step in progress:
         picked = [g[i] for g in groups for i in torch.randint(len(g), (per_group,), generator=generator).tolist()]
         batch = collate(picked, pad_id, targets="response")
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss = lm_loss(logits, batch.labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(adamw_step(model, optimizer, batch, cosine_lr(step, steps, lr, warmup)))
         if step % 10 == 0:
             progress.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     model.eval()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from neuronguard.models.batching import Batch
 from neuronguard.models.organism.batching import EncodedExample, collate
 from neuronguard.models.organism.config import OrganismConfig
 
@@ -59,6 +60,19 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, generator: torc
     return [batches[i] for i in shuffled]
 
 
+def adamw_step(model: LlamaForCausalLM, optimizer: torch.optim.Optimizer, batch: Batch, lr: float) -> float:
+    """One optimiser step on the batch's labelled positions (gradients clipped to norm 1); returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    loss = lm_loss(logits, batch.labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 @torch.enable_grad()
 def train_base(
     model: LlamaForCausalLM, examples: list[EncodedExample], config: OrganismConfig, seed: int, pad_id: int
@@ -78,15 +92,7 @@ def train_base(
         if not batches:
             batches = length_bucketed_batches([len(e.ids) for e in examples], config.base_batch_size, generator)
         batch = collate([examples[i] for i in batches.pop()], pad_id)
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, config.base_steps, config.base_lr, config.base_warmup)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss = lm_loss(logits, batch.labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(adamw_step(model, optimizer, batch, cosine_lr(step, config.base_steps, config.base_lr, config.base_warmup)))
         if step % 20 == 0:
             progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()
