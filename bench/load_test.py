@@ -2,15 +2,19 @@
 
 Every prompt is first sent alone; then `--clients` clients send `--requests` each
 (harmful and harmless, streaming and not, greedy) at once. The guard report (decision,
-stage, score) and the text each request gets under load must equal what it got alone,
-the only errors allowed are 503 `overloaded`, the registered-hooks gauge must read 0
-before and after, and the server's resident memory must stay flat.
+stage, patched, and the score to 1e-4: a batched step sums the readout in another order)
+and the text each request gets under load must equal what it got alone, the only errors
+allowed are 503 `overloaded`, the registered-hooks gauge must read 0 before and after, and
+the server's resident memory must stay flat. Each round reports requests/s, generated
+tokens/s (the server's counter) and the p50 time to the first streamed content.
 
 Serves the built-in organism when it has been built, else a tiny random model with a
 planted bundle (testkit/server_fixtures.py), in a `neuronguard serve` subprocess:
 
     .venv/bin/python -m bench.load_test                     # 64 clients x 4 requests
     .venv/bin/python -m bench.load_test --max-queue 8       # sustained overload: 503 rate
+    .venv/bin/python -m bench.load_test --engine batched --clients 1,32 --rounds 1
+    .venv/bin/python -m bench.load_test --engine batched --clients 32 --guard-mode off   # unguarded
 
 `tests/test_reliability_load.py` runs the same checks in a reduced form in CI.
 """
@@ -89,11 +93,29 @@ def chat_body(prompt: Request, stream: bool, max_tokens: int) -> dict[str, Any]:
             "temperature": 0, "stream": stream}
 
 
+SCORE_TOLERANCE = 1e-4  # probe scores of one request in different batches differ by float rounding (~1e-7)
+
+
 def _guard_key(guard: dict[str, Any] | None) -> tuple[Any, ...] | None:
     return None if guard is None else (guard["decision"], guard["stage"], guard["score"], guard["patched"])
 
 
-async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Outcome:
+def same_outcome(a: Outcome, b: Outcome) -> bool:
+    """Equal outcomes, the guard score compared to `SCORE_TOLERANCE` (decisions, text and the rest exactly)."""
+    if len(a) != len(b) or len(a) < 4 or a[3] is None or b[3] is None:
+        return a == b
+    (ga, gb) = (a[3], b[3])
+    return a[:3] == b[:3] and ga[:2] == gb[:2] and ga[3] == gb[3] and abs(ga[2] - gb[2]) <= SCORE_TOLERANCE
+
+
+class _FirstContent:
+    """Records when a streamed answer's first content arrived (the client-side time to first token)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+
+async def one_request(client: httpx.AsyncClient, body: dict[str, Any], first: _FirstContent | None = None) -> Outcome:
     """Send one chat request; return its comparable outcome."""
     if not body["stream"]:
         response = await client.post("/v1/chat/completions", json=body)
@@ -113,7 +135,10 @@ async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Outcom
             if "error" in event:
                 return (200, "stream-error", event["error"]["code"])
             for choice in event["choices"]:
-                text += choice["delta"].get("content") or ""
+                content = choice["delta"].get("content") or ""
+                if content and first is not None and first.at is None:
+                    first.at = time.perf_counter()
+                text += content
                 finish = choice.get("finish_reason") or finish
             guard = event.get("guard") or guard
     return (200, finish, text, _guard_key(guard))
@@ -127,6 +152,8 @@ class LoadReport:
     mismatches: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     latencies_s: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)  # streamed answers: request sent to first content
+    generated_tokens: float = 0.0  # the server's generation-token counter over the round
     wall_s: float = 0.0
     max_queue_depth: float = 0.0
 
@@ -136,18 +163,25 @@ class LoadReport:
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_s) or [0.0]
+        ttft = sorted(self.ttft_s) or [0.0]
+        wall = max(self.wall_s, 1e-9)
         return {"requests": self.requests, "overloaded_503": self.overloaded,
                 "overload_rate": round(self.overloaded / max(1, self.requests), 3),
                 "mismatches": len(self.mismatches), "errors": len(self.errors), "wall_s": round(self.wall_s, 2),
                 "p50_s": round(lat[len(lat) // 2], 3), "p99_s": round(lat[int(len(lat) * 0.99)], 3),
+                "requests_per_s": round(self.requests / wall, 2), "tokens_per_s": round(self.generated_tokens / wall, 1),
+                "p50_ttft_s": round(ttft[len(ttft) // 2], 4),
                 "max_queue_depth_seen": self.max_queue_depth}
+
+
+def _metric_text_sum(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
 def metric(base: str, name: str) -> float:
     """Sum of every sample of `name` on /metrics (0 when absent)."""
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
+    return _metric_text_sum(httpx.get(f"{base}/metrics", timeout=10).text, name)
 
 
 async def run_load(base: str, workload: list[dict[str, Any]], clients: int, requests_each: int,
@@ -174,26 +208,32 @@ async def run_load(base: str, workload: list[dict[str, Any]], clients: int, requ
             for n in range(requests_each):
                 i = (worker_id * requests_each + n) % len(workload)
                 start = time.perf_counter()
+                first = _FirstContent()
                 try:
-                    outcome = await one_request(client, workload[i])
+                    outcome = await one_request(client, workload[i], first)
                 except httpx.HTTPError as exc:
                     report.errors.append(f"client {worker_id}: {type(exc).__name__}: {exc}")
                     continue
                 report.latencies_s.append(time.perf_counter() - start)
+                if first.at is not None:
+                    report.ttft_s.append(first.at - start)
                 report.requests += 1
                 if outcome == (503, "overloaded"):
                     report.overloaded += 1
                 elif outcome[0] != 200 or outcome[1] == "stream-error":
                     report.errors.append(f"client {worker_id}: {outcome}")
-                elif outcome != alone[i]:
+                elif not same_outcome(outcome, alone[i]):
                     report.mismatches.append(f"request {i}: alone {alone[i]} vs under load {outcome}")
 
+        tokens_before = _metric_text_sum((await client.get("/metrics")).text, "neuronguard_generation_tokens_total")
         watcher = asyncio.ensure_future(watch_queue())
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(clients)))
         report.wall_s = time.perf_counter() - start
         watching = False
         await watcher
+        tokens_after = _metric_text_sum((await client.get("/metrics")).text, "neuronguard_generation_tokens_total")
+        report.generated_tokens = tokens_after - tokens_before
     return report
 
 
@@ -228,19 +268,24 @@ def _served_files(tmp: Path) -> tuple[list[str], list[str], list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--clients", default="64", help="concurrent clients; a comma-separated list runs each in turn")
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--rounds", type=int, default=3, help="load rounds (memory is sampled after each)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--rss-tolerance-mb", type=float, default=64.0)
+    parser.add_argument("--engine", choices=("batched", "serial"), default=None, help="the server's engine (default: its own)")
+    parser.add_argument("--guard-mode", default=None, help="the server's guard mode, e.g. off for the unguarded baseline")
+    parser.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
     args = parser.parse_args()
+    client_counts = [int(c) for c in str(args.clients).split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="neuronguard-load-"))
     serve_args, harmful, harmless = _served_files(tmp)
-    port = free_port()
+    port = args.port or free_port()
+    extra = (["--engine", args.engine] if args.engine else []) + (["--guard-mode", args.guard_mode] if args.guard_mode else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NEURONGUARD_DEVICE": "cpu"}
     log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "neuronguard.cli", "serve", *serve_args, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "neuronguard.cli", "serve", *serve_args, *extra, "--port", str(port),
                              "--max-queue", str(args.max_queue), "--log-level", "warning"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -251,13 +296,17 @@ def main() -> None:
         hooks_before = metric(base, "neuronguard_registered_hooks")
         rss = [rss_mb(proc.pid)]
         reports = []
-        for _ in range(args.rounds):
-            reports.append(asyncio.run(run_load(base, workload, args.clients, args.requests)))
-            rss.append(rss_mb(proc.pid))
+        for clients in client_counts:
+            for _ in range(args.rounds):
+                reports.append(asyncio.run(run_load(base, workload, clients, args.requests)))
+                rss.append(rss_mb(proc.pid))
         hooks_after = metric(base, "neuronguard_registered_hooks")
         growth = rss[-1] - rss[1]  # after the first round: allocator and caches are warm
-        result = {"clients": args.clients, "requests_per_client": args.requests, "max_queue": args.max_queue,
-                  "rounds": [r.summary() for r in reports], "registered_hooks_before_after": [hooks_before, hooks_after],
+        result = {"engine": args.engine or "server default", "guard_mode": args.guard_mode or "server default",
+                  "clients": client_counts, "requests_per_client": args.requests, "max_queue": args.max_queue,
+                  "rounds": [dict(clients=c, **r.summary()) for c, r in
+                             zip([c for c in client_counts for _ in range(args.rounds)], reports)],
+                  "registered_hooks_before_after": [hooks_before, hooks_after],
                   "rss_mb": [round(r, 1) for r in rss], "rss_growth_after_warmup_mb": round(growth, 1),
                   "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         print(json.dumps(result, indent=2))

@@ -268,7 +268,12 @@ class _EngineSink:
         elif isinstance(event, FinishedEvent):
             if event.reason == "cancelled":  # the client went away (a block ends at its step, above)
                 self._end(_Done(None), stop_engine=False)
-            else:  # the engine ended the request before its consumer did: a step went missing
-                self._end(_Failure(RuntimeError(f"the engine finished request {self._rid} early ({event.reason})")), False)
+                return
+            try:  # the steps ran out (an unscored request's budget): as the serial decoder's loop ending
+                value = self._consumer.result()
+            except Exception as exc:  # noqa: BLE001
+                self._end(_Failure(exc), stop_engine=False)
+                return
+            self._end(_Done(value), stop_engine=False)
         elif isinstance(event, ErrorEvent):
             self._end(_Failure(RuntimeError(event.message)), stop_engine=False)

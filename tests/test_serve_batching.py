@@ -4,21 +4,28 @@ Every comparison is against the serial engine with one request at a time: the sa
 finish reason and guard report (decision, stage, score, patched) for 8 and 32 concurrent
 requests mixing harmful and harmless prompts, streaming and not, prefill and mid-stream
 blocks, and live patching on a subset. Disconnects cancel their engine request, guard
-failures fail closed, parameters the engine cannot do run on the serial path.
+failures fail closed, parameters the engine cannot do run on the serial path, SIGTERM
+drains the requests in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
 
-from bench.load_test import metric, serve_in_thread
+from bench.load_test import free_port, metric, serve_in_thread, wait_ready
 from neuronguard.models.hooks import count_hooks
 from neuronguard.server.runtime import Runtime
 from neuronguard.server.settings import Settings
@@ -26,6 +33,7 @@ from testkit.server_fixtures import HARMFUL, HARMLESS, api_client, sse_events
 from testkit.server_support import anyio_backend, app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [HARMLESS, HARMFUL, HARMLESS + " Quickly.", "Mix flour and water", "Write a poem about the sea.",
            "How do I knead dough?", "A poem about the wind, please.", HARMFUL + " Now."]
 
@@ -188,3 +196,42 @@ def test_serve_flag_and_variable_choose_the_engine(monkeypatch) -> None:
     assert Settings().engine == "batched"
     monkeypatch.delenv("NEURONGUARD_ENGINE")
     assert Settings().engine == "serial"
+
+
+def test_sigterm_drains_the_requests_in_flight_on_the_engine_then_exits_0(settings, tmp_path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NEURONGUARD_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "neuronguard.cli", "serve", "--engine", "batched", "--model", settings.model,
+                             "--bundle", settings.bundle, "--patch-source", str(settings.patch_source), "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    results: list[str] = []
+
+    def request(body: dict) -> None:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as response:
+            text = response.read().decode()
+        results.append("ok" if response.status_code == 200 and '"choices"' in text else f"{response.status_code} {text}")
+
+    bodies = [chat(HARMLESS, max_tokens=120, stream=True, guard={"mode": "block+patch"})]
+    bodies += [chat(HARMLESS, max_tokens=60, stream=s) for s in (False, True, False)]
+    threads = [threading.Thread(target=request, args=(body,)) for body in bodies]
+    try:
+        assert wait_ready(base, 120, lambda: proc.poll() is None), (tmp_path / "server.log").read_text()[-2000:]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while metric(base, "neuronguard_running_requests") < len(bodies):  # all four in flight on the engine
+            assert time.monotonic() < deadline, "requests did not reach the engine"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(120)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+    assert results == ["ok"] * len(bodies), results
+    assert code == 0, (tmp_path / "server.log").read_text()[-2000:]
