@@ -15,6 +15,7 @@ planted bundle (testkit/server_fixtures.py), in a `neuronguard serve` subprocess
     .venv/bin/python -m bench.load_test --max-queue 8       # sustained overload: 503 rate
     .venv/bin/python -m bench.load_test --engine batched --clients 1,32 --rounds 1
     .venv/bin/python -m bench.load_test --engine batched --clients 32 --guard-mode off   # unguarded
+    .venv/bin/python -m bench.load_test --tiny ...          # the tiny model even when the organism is built
 
 `tests/test_reliability_load.py` runs the same checks in a reduced form in CI.
 """
@@ -250,11 +251,11 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def _served_files(tmp: Path) -> tuple[list[str], list[str], list[str]]:
-    """(serve arguments, harmful prompts, harmless prompts): the organism, else tiny fixtures."""
+def _served_files(tmp: Path, tiny: bool = False) -> tuple[list[str], list[str], list[str]]:
+    """(serve arguments, harmful prompts, harmless prompts): the organism (unless `tiny`), else tiny fixtures."""
     from testkit.server_fixtures import HARMFUL, HARMLESS, organism_available
 
-    if organism_available():
+    if organism_available() and not tiny:
         from neuronguard.models.default_data import TEST_SPLIT
         from neuronguard.models.prompts import read_prompts
 
@@ -277,10 +278,11 @@ def main() -> None:
     parser.add_argument("--engine", choices=("batched", "serial"), default=None, help="the server's engine (default: its own)")
     parser.add_argument("--guard-mode", default=None, help="the server's guard mode, e.g. off for the unguarded baseline")
     parser.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
+    parser.add_argument("--tiny", action="store_true", help="serve the tiny random model with its planted bundle")
     args = parser.parse_args()
     client_counts = [int(c) for c in str(args.clients).split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="neuronguard-load-"))
-    serve_args, harmful, harmless = _served_files(tmp)
+    serve_args, harmful, harmless = _served_files(tmp, args.tiny)
     port = args.port or free_port()
     extra = (["--engine", args.engine] if args.engine else []) + (["--guard-mode", args.guard_mode] if args.guard_mode else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NEURONGUARD_DEVICE": "cpu"}
