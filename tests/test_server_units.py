@@ -1,9 +1,10 @@
-"""Server building blocks without a model: guard policy, settings, auth, text streaming, scheduler."""
+"""Server building blocks without a model: guard policy, settings, auth, text streaming, both schedulers."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from neuronguard.models.organism import ORGANISM_DIR
 from neuronguard.server.auth import authorized, needs_auth
 from neuronguard.server.guard import GuardPolicy, PolicyError, is_stricter_or_equal, resolve_policy
 from neuronguard.server.metrics import Metrics
-from neuronguard.server.scheduler import Overloaded, Scheduler
+from neuronguard.models.engine import EngineRequest, FinishedEvent, TokenEvent
+from neuronguard.server.scheduler import BatchScheduler, Overloaded, Scheduler
 from neuronguard.server.settings import Settings
 from neuronguard.server.text import TextStream
 from testkit.tiny_models import make_tokenizer
@@ -134,3 +136,60 @@ def test_text_stream_equals_one_full_decode(seed: int) -> None:
     released = "".join(stream.push(t)[0] for t in ids) + stream.flush()
     assert released == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert stream.text == released
+
+
+class _FakeEngine:
+    """The part of GuardedBatchEngine the bridge uses: submit with a sink, cancel (which reports the cancel)."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[str, Any] = {}
+        self.cancelled: list[str] = []
+
+    def submit(self, _request: EngineRequest, sink: Any, request_id: str) -> None:
+        self.sinks[request_id] = sink
+
+    def cancel(self, request_id: str) -> None:
+        if request_id in self.sinks and request_id not in self.cancelled:
+            self.cancelled.append(request_id)
+            self.sinks[request_id](FinishedEvent(request_id, "cancelled", 0))
+
+
+class _StopAt:
+    """A consumer that ends its request at step `at` (a block) or raises there (a guard failure)."""
+
+    def __init__(self, at: int, fail: bool = False) -> None:
+        self.at, self.fail, self.seen = at, fail, []
+
+    def step(self, event: TokenEvent) -> bool:
+        if self.fail and event.index == self.at:
+            raise RuntimeError("probe exploded")
+        self.seen.append(event.token)
+        return event.index == self.at
+
+    def result(self) -> list[int]:
+        return self.seen
+
+
+def test_batch_bridge_bounds_in_flight_cancels_on_block_failure_and_disconnect() -> None:
+    async def scenario() -> None:
+        metrics, engine = Metrics(), _FakeEngine()
+        bridge = BatchScheduler(engine, metrics, max_requests=3)  # type: ignore[arg-type]
+        request = EngineRequest((5, 6), patch=True)
+        blocked = bridge.submit(request, lambda _ctx: _StopAt(1))
+        failing = bridge.submit(request, lambda _ctx: _StopAt(0, fail=True))
+        gone = bridge.submit(request, lambda _ctx: _StopAt(99))
+        with pytest.raises(Overloaded):
+            bridge.submit(request, lambda _ctx: _StopAt(0))
+        assert metrics.running._value.get() == 3 and bridge.patched_in_flight == 3
+        for index in range(4):  # the engine steps on; ended requests ignore what it still sends
+            for rid in ("job-0", "job-1", "job-2"):
+                engine.sinks[rid](TokenEvent(rid, index, 10 + index, None, False))
+        assert await blocked.result() == [10, 11]  # stopped at its block, the rest not seen
+        with pytest.raises(RuntimeError, match="exploded"):
+            await failing.result()
+        gone.cancel()  # the client went away
+        assert await gone.result() is None
+        assert engine.cancelled == ["job-1", "job-0", "job-2"]  # failure at step 0, block at step 1, then the client
+        assert metrics.running._value.get() == 0 and bridge.patched_in_flight == 0
+
+    asyncio.run(scenario())
