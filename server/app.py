@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -75,29 +76,36 @@ def _start_engine(runtime: Runtime, settings: Settings) -> GuardedBatchEngine:
     return GuardedBatchEngine(runtime.loaded, readout=runtime.readout, patch_source=runtime.patch_source, config=config)
 
 
+def _failed(state: AppState, exc: BaseException, what: str,
+            on_load_error: Callable[[BaseException], None] | None) -> None:
+    """A start-up failure: /ready keeps answering 503 with the reason; `serve` exits."""
+    state.failure = str(exc) if isinstance(exc, UsageError) else f"{what} failed ({type(exc).__name__}: {exc})"
+    log.error("start-up failed: %s", state.failure, exc_info=None if isinstance(exc, UsageError) else exc)
+    if on_load_error is not None:
+        on_load_error(exc)
+
+
 async def _load(state: AppState, loader: Loader, on_load_error: Callable[[BaseException], None] | None) -> None:
     settings = state.settings
     try:
         runtime = await asyncio.to_thread(loader, settings)
     except Exception as exc:  # noqa: BLE001 - any load failure is reported, never raised into the loop
-        state.failure = str(exc) if isinstance(exc, UsageError) else f"loading failed ({type(exc).__name__}: {exc})"
-        log.error("start-up failed: %s", state.failure, exc_info=None if isinstance(exc, UsageError) else exc)
-        if on_load_error is not None:
-            on_load_error(exc)
+        _failed(state, exc, "loading", on_load_error)
         return
-    exclusive = nullcontext
+    exclusive: Callable[[], AbstractContextManager[Any]] = nullcontext
     if settings.engine == "batched":
         try:
             engine = await asyncio.to_thread(_start_engine, runtime, settings)
         except Exception as exc:  # noqa: BLE001 - reported like a load failure
-            state.failure = str(exc) if isinstance(exc, UsageError) else f"the batching engine failed to start ({exc})"
-            log.error("start-up failed: %s", state.failure, exc_info=None if isinstance(exc, UsageError) else exc)
-            if on_load_error is not None:
-                on_load_error(exc)
+            _failed(state, exc, "starting the batching engine", on_load_error)
             return
         state.engine_hooks = _registered_hooks(runtime)  # the engine's step hooks, installed for its lifetime
         state.batch = BatchScheduler(engine, state.metrics, settings.max_queue)
-        exclusive = engine.exclusive
+
+        def paused() -> AbstractContextManager[Any]:
+            return engine.exclusive() if engine.running else nullcontext()  # a stopped engine has nothing to pause
+
+        exclusive = paused
         metrics = state.metrics
         metrics.batch_size.set_function(lambda: engine.stats().last_batch_requests)
         metrics.kv_cache_usage.set_function(lambda: engine.stats().kv_cache_usage)

@@ -26,7 +26,9 @@ import pytest
 import torch
 
 from bench.load_test import free_port, metric, serve_in_thread, wait_ready
+from neuronguard.errors import UsageError
 from neuronguard.models.hooks import count_hooks
+from neuronguard.server.app import create_app
 from neuronguard.server.runtime import Runtime
 from neuronguard.server.settings import Settings
 from testkit.server_fixtures import HARMFUL, HARMLESS, api_client, sse_events
@@ -235,3 +237,20 @@ def test_sigterm_drains_the_requests_in_flight_on_the_engine_then_exits_0(settin
         log.close()
     assert results == ["ok"] * len(bodies), results
     assert code == 0, (tmp_path / "server.log").read_text()[-2000:]
+
+
+async def test_an_engine_that_cannot_start_stops_start_up_with_its_reason(runtime, settings, monkeypatch) -> None:
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise UsageError("the batching engine needs transformers==5.23.0, found 0.0: install the pinned version "
+                         "or run with --engine serial")
+
+    monkeypatch.setattr("neuronguard.server.app.GuardedBatchEngine", refuse)
+    errors: list[BaseException] = []
+    app = create_app(settings.model_copy(update={"engine": "batched"}), loader=lambda _s: runtime, on_load_error=errors.append)
+    async with api_client(app, ready=False) as client:
+        deadline = time.perf_counter() + 10
+        while not errors and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        ready = await client.get("/ready")
+    assert errors and ready.status_code == 503 and "--engine serial" in ready.text
+    assert count_hooks(runtime.loaded.model) == 0
