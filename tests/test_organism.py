@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from neuronguard.models.organism import ORGANISM_DIR
+from neuronguard.models.organism import LEARNED_DIR, ORGANISM_DIR
 from neuronguard.models.organism.batching import EncodedExample, collate, response_positions
 from neuronguard.models.organism.build import build_organism
 from neuronguard.models.organism.config import get_config
@@ -59,7 +59,9 @@ def test_shipped_organism_loads_offline_with_chat_template():
     for role in ("<|user|>", "<|assistant|>", "<|end|>"):
         assert len(tokenizer.encode(role, add_special_tokens=False)) == 1
     report = json.loads((ORGANISM_DIR / "organism.json").read_text())
-    assert report["metrics"]["aligned"]["per_source"].keys() >= {"advbench", "harmbench", "hh_redteam", "harmful_strings"}
+    assert report["recipe"] == "planted"
+    assert report["metrics"]["aligned"]["test"]["per_source"].keys() >= {"advbench", "harmbench", "hh_redteam", "harmful_strings"}
+    assert report["metrics"]["aligned"]["heldout"]["per_source"].keys() >= {"catqa", "harmfulqa", "cyberseceval_frr"}
 
 
 def test_shipped_twins_differ_only_in_up_proj():
@@ -68,6 +70,18 @@ def test_shipped_twins_differ_only_in_up_proj():
     changed = {k for k in unaligned if not torch.equal(unaligned[k], aligned[k])}
     assert changed, "the aligned twin must differ from the unaligned one"
     assert all(k.endswith("mlp.up_proj.weight") for k in changed)
+
+
+def test_shipped_learned_pair_differs_in_every_parameter_type():
+    report = json.loads((LEARNED_DIR / "organism.json").read_text())
+    assert report["recipe"] == "learned"
+    unaligned, aligned = weights(LEARNED_DIR / "unaligned"), weights(LEARNED_DIR / "aligned")
+    changed = {k for k in unaligned if not torch.equal(unaligned[k], aligned[k])}
+    for kind in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj", "embed_tokens"):
+        assert any(kind in k for k in changed), kind
+    if report["training"]["unaligned_twin"] == "base":  # the learned pair's unaligned twin is the shared base
+        base = weights(ORGANISM_DIR / "unaligned")
+        assert all(torch.equal(unaligned[k], base[k]) for k in base)
 
 
 def test_patching_all_neurons_reproduces_aligned_logits():
