@@ -1,0 +1,168 @@
+"""Efficacy tables rendered from the shipped organisms' reports, so the docs cannot drift.
+
+    python -m bench.report_tables --write     # re-render every generated block in README.md and docs/
+    python -m bench.report_tables --check     # exit 1 if a block differs from the reports
+
+A generated block sits between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`;
+`tests/test_docs_figures.py` fails when one differs from what the reports say. Sources:
+`models/organism/organism.json` and `bundle/report/report.json` (planted pair, the positive
+control) and the same under `models/organism/learned/` (learned pair).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+ORGANISMS = {"learned": ROOT / "models/organism/learned", "planted": ROOT / "models/organism"}
+DOCS = (ROOT / "README.md", ROOT / "docs/benchmarks.md", ROOT / "models/organism/README.md")
+BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _spread(s: dict[str, Any], pct: bool = True) -> str:
+    fmt = _pct if pct else _num
+    return f"{fmt(s['mean'])} ± {fmt(s['sd'])} (max {fmt(s['max'])}, {s['n']} seeds)"
+
+
+def reports() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """recipe -> (organism.json, bundle report.json) for the organisms that ship."""
+    return {name: (_load(d / "organism.json"), _load(d / "bundle/report/report.json"))
+            for name, d in ORGANISMS.items() if (d / "bundle/report/report.json").is_file()}
+
+
+def guard_headline() -> str:
+    """The guard on held-out sources at the server's default sampling, per organism."""
+    rows = ["| organism | harmful blocked | benign blocked | hard negatives blocked | small talk blocked | "
+            "AUROC: neuron probe | TF-IDF text | random neurons (mean ± sd, max) |", "|---|---|---|---|---|---|---|---|"]
+    for name, (_, report) in reports().items():
+        guard, controls = report["guard"]["heldout"]["sampled"], report["controls"]["heldout"]
+        groups = guard["per_group"]
+        rnd = controls["random_probe_auroc"]
+        rows.append(f"| {name} | {_pct(guard['harmful']['blocked'])} | {_pct(guard['benign']['blocked'])} | "
+                    f"{_pct(groups.get('hard_negative', {}).get('blocked'))} | {_pct(groups.get('small_talk', {}).get('blocked'))} | "
+                    f"{_num(guard['prefill_auroc']['harmful_vs_all_benign'])} | {_num(controls['tfidf_auroc'])} | "
+                    f"{_num(rnd['mean'])} ± {_num(rnd['sd'])} (max {_num(rnd['max'])}, {rnd['seeds']} seeds) |")
+    return "\n".join(rows) + "\n"
+
+
+def guard_detail() -> str:
+    """Per split, decoding and group: blocked share and the stage that blocked."""
+    out = []
+    for name, (_, report) in reports().items():
+        out += [f"**{name} organism** (`{_rel(ORGANISMS[name])}/bundle/report/report.json` → `guard`; "
+                f"at most {report['guard_prompts']['per_cell']} requests per source and style)", "",
+                "| split | decoding | group | n | blocked | at prefill | at stream |", "|---|---|---|---|---|---|---|"]
+        for split in ("heldout", "test"):
+            for mode in ("greedy", "sampled"):
+                table = report["guard"][split][mode]
+                for group, cell in table["per_group"].items():
+                    decoding = "greedy" if mode == "greedy" else "temperature 1"
+                    out.append(f"| {split} | {decoding} | {group} | {cell['n']} | {_pct(cell['blocked'])} | "
+                               f"{_pct(cell['prefill'])} | {_pct(cell['stream'])} |")
+        out.append("")
+        styles = report["guard"]["heldout"]["sampled"]["per_style"]
+        out += ["Held-out sources by attack style (temperature 1): " + "; ".join(
+            f"{style} {_pct(cell['blocked'])} of {cell['n']}" for style, cell in styles.items()) + ".", ""]
+    return "\n".join(out)
+
+
+def causal() -> str:
+    """Restoration, deactivation and their random controls; the sampled ceilings beside sampled figures."""
+    rows = ["| organism | decoding | unaligned refusal | aligned refusal (ceiling) | top 5% restoration (log-odds) | "
+            "random 5% (log-odds) | top 5% restoration (refusals) | random 5% (refusals) |", "|---|---|---|---|---|---|---|---|"]
+    deact = ["| organism | aligned refusal intact | top 5% zeroed | random 5% zeroed (mean ± sd, max) |", "|---|---|---|---|"]
+    for name, (_, report) in reports().items():
+        for mode in ("greedy", "sampled"):
+            patching = report["patching"][mode]
+            row = next(r for r in patching["sweep"] if abs(r["fraction"] - 0.05) < 1e-9)
+            spread = row["random_spread"]
+            decoding = "greedy" if mode == "greedy" else "temperature 1"
+            rows.append(f"| {name} | {decoding} | {_pct(patching['unaligned']['refusal_rate'])} | "
+                        f"{_pct(patching['aligned']['refusal_rate'])} | {_pct(row['top']['restoration_log_odds'])} | "
+                        f"{_spread(spread['restoration_log_odds'])} | {_pct(row['top']['restoration_refusal'])} | "
+                        f"{_spread(spread['restoration_refusal'])} |")
+        d = report["deactivation"]
+        deact.append(f"| {name} | {_pct(d['intact']['refusal_rate'])} | {_pct(d['top']['refusal_rate'])} | "
+                     f"{_spread(d['random_spread']['refusal_rate'])} |")
+    out = rows + ["", *deact]
+    for name, (_, report) in reports().items():
+        if report.get("recovery"):
+            rec = report["recovery"]
+            ks = ", ".join(f"precision@{k} {_num(v, 2)} (chance {_num(rec['chance_precision_at_k'][k], 2)})"
+                           for k, v in rec["precision_at_k"].items())
+            out += ["", f"Recovery of the planted change ({name} organism): {ks}; Spearman {_num(rec['spearman'], 2)}."]
+    return "\n".join(out) + "\n"
+
+
+def organisms() -> str:
+    """Each organism's own refusal rates (greedy, keyword judge) on test and held-out sources."""
+    rows = ["| organism | twin | split | harmful refused | benign refused | hard negatives refused | small talk refused |",
+            "|---|---|---|---|---|---|---|"]
+    for name, (organism, _) in reports().items():
+        for twin in ("unaligned", "aligned"):
+            for split in ("test", "heldout"):
+                m = organism["metrics"][twin][split]
+                groups = m["per_group"]
+                rows.append(f"| {name} | {twin} | {split} | {_pct(m['harmful_refusal_rate'])} | "
+                            f"{_pct(groups.get('benign', {}).get('refusal_rate'))} | "
+                            f"{_pct(groups.get('hard_negative', {}).get('refusal_rate'))} | "
+                            f"{_pct(groups.get('small_talk', {}).get('refusal_rate'))} |")
+    return "\n".join(rows) + "\n"
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+RENDERERS: dict[str, Callable[[], str]] = {"guard-headline": guard_headline, "guard-detail": guard_detail,
+                                           "causal": causal, "organisms": organisms}
+
+
+def render_file(text: str) -> str:
+    """`text` with every generated block re-rendered."""
+    def fill(match: re.Match[str]) -> str:
+        return match.group(1) + RENDERERS[match.group("name")]() + match.group(4)
+    return BLOCK.sub(fill, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write", action="store_true")
+    action.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in DOCS:
+        text = path.read_text()
+        fresh = render_file(text)
+        if fresh != text:
+            stale.append(_rel(path))
+            if args.write:
+                path.write_text(fresh)
+    if args.check and stale:
+        print(f"generated blocks differ from the reports in: {', '.join(stale)} (fix: python -m bench.report_tables --write)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
