@@ -108,8 +108,13 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     site_override: SiteOverride | None = None,
+    tensor_parallel: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and tokenizer from a local directory or a hub id (cache only offline)."""
+    """Load a causal LM and tokenizer from a local directory or a hub id (cache only offline).
+
+    `tensor_parallel` shards it with transformers' plan for its architecture over the ranks of
+    the running `torchrun` group; each rank then holds its slice on its own device.
+    """
     source = str(path_or_id)
     local = Path(source).expanduser()
     if local.exists() and not (local / "config.json").is_file():
@@ -121,7 +126,8 @@ def load_model(
         if torch_dtype == "auto" and resolve_device(device).type == "cpu":
             torch_dtype = torch.float32  # half precision matmuls are slow or missing on CPU
         model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            source, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            **({"tp_plan": "auto"} if tensor_parallel else {}),
         )
     except (OSError, ValueError) as exc:
         if isinstance(exc, UsageError):
@@ -130,7 +136,8 @@ def load_model(
         raise UsageError(
             f"cannot load model '{source}': {first_line} (give a local checkpoint directory, or a hub id already in the HF cache)"
         ) from exc
-    model.to(resolve_device(device))
+    if not tensor_parallel:  # a sharded model is already on each rank's device
+        model.to(resolve_device(device))
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

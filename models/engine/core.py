@@ -18,9 +18,11 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 import torch
 import transformers
@@ -34,7 +36,8 @@ from transformers.generation.continuous_batching.requests import FutureRequestSt
 from transformers.generation.logits_process import LogitsProcessorList
 
 from neuronguard.errors import UsageError
-from neuronguard.models.engine.step import Live, RequestSampler, StepState, Twin, step_hooks
+from neuronguard.models.engine.sharding import MLPShard
+from neuronguard.models.engine.step import Live, Policy, RequestSampler, StepState, Twin, step_hooks
 from neuronguard.models.engine.types import (
     EngineConfig,
     EngineEvent,
@@ -98,6 +101,11 @@ class GuardedBatchEngine:
     any forward pass of the model; while it runs it owns both models (run other forward passes
     inside `exclusive()`). Use it as a context manager, or call `shutdown()`: until then its
     thread keeps the process alive.
+
+    On a model loaded with tensor parallelism every rank builds the engine; rank 0 (the
+    driver) takes the requests and delivers the events, the other ranks follow it step by step
+    (`wait()` until the driver shuts down). A request's policy reaches the followers once, in
+    the step where it is first scheduled, so every rank hooks, reads out and samples alike.
     """
 
     def __init__(
@@ -118,6 +126,7 @@ class GuardedBatchEngine:
         self.patch_source = patch_source
         self.config = config
         self._lives: dict[str, Live] = {}
+        self._policies: dict[str, Policy | None] = {}  # every request scheduled so far and not yet gone, on every rank
         self._lock = threading.RLock()
         self._ids = itertools.count()
         self._closed = False
@@ -136,6 +145,9 @@ class GuardedBatchEngine:
         with torch.inference_mode(False):
             self._manager = ContinuousBatchingManager(model, generation, cb_config)
             self._attn_twin: str | None = None
+            helper = self._manager.distributed_helper
+            self.tensor_parallel_size = helper.tp_size
+            self.is_driver = helper.is_tp_driver
             try:
                 self._state = StepState()
                 self._manager.logit_processor = ContinuousBatchingLogitsProcessorList(
@@ -148,7 +160,13 @@ class GuardedBatchEngine:
                 self._cache: PagedAttentionCache = processor.cache
                 self.max_request_tokens = infer_max_single_request_tokens(self._cache)
                 twin = self._twin(patch_source) if patch_source is not None else None
-                self._stack.enter_context(step_hooks(model, loaded.sites, self._batch, self._lives, readout, twin, self._state))
+                shard = None
+                if helper.tp_size > 1:
+                    shard = MLPShard.discover(loaded.sites, helper.tp_group, helper.cpu_comm_group)
+                    if patch_source is not None:
+                        shard.check_same(patch_source.sites or loaded.sites)
+                self._stack.enter_context(step_hooks(model, loaded.sites, self._batch, self._step_policies, self._lives,
+                                                     readout, twin, self._state, shard))
                 self._manager.start()
             except BaseException:
                 self._release()
@@ -178,6 +196,39 @@ class GuardedBatchEngine:
         """The requests of the step about to run, in packing order (engine thread)."""
         return self._processor.inputs_and_outputs.requests_in_batch
 
+    def _step_policies(self, requests: Sequence[FutureRequestState]) -> Mapping[str, Policy | None]:
+        """The policies of this step's requests (engine thread, every rank in the same step).
+
+        A request scheduled for the first time gets its policy from the driver's record (None
+        when it was cancelled before); under tensor parallelism the driver broadcasts these
+        new policies to the other ranks. Requests the scheduler no longer holds are forgotten.
+        """
+        new = [future.state.request_id for future in requests if future.state.request_id not in self._policies]
+        if new:
+            policies: list[Policy | None] | None = None
+            if self.is_driver:
+                with self._lock:
+                    policies = [live.policy if (live := self._lives.get(rid)) is not None else None for rid in new]
+            if self.tensor_parallel_size > 1:
+                sent = [None if p is None else (replace(p.request, prompt_ids=()), p.request.params.seed) for p in policies] \
+                    if policies is not None else None
+                received = self._manager.distributed_helper.tp_broadcast_object_from_rank_0(sent)
+                if not self.is_driver:
+                    policies = [None if r is None else Policy(r[0], self._generator(r[0], r[1])) for r in received]
+            assert policies is not None
+            self._policies.update(zip(new, policies))
+        scheduler = self._processor.scheduler
+        held = scheduler.active_requests.keys() | scheduler.waiting_requests.keys()
+        in_step = {future.state.request_id for future in requests}
+        for rid in [rid for rid in self._policies if rid not in held and rid not in in_step]:
+            del self._policies[rid]
+        return self._policies
+
+    def _generator(self, request: EngineRequest, seed: int | None) -> torch.Generator | None:
+        if request.params.temperature <= 0 or seed is None:
+            return None
+        return torch.Generator(device=self.loaded.device).manual_seed(seed)
+
     # ------------------------------------------------------------------ requests
 
     def submit(self, request: EngineRequest, sink: Callable[[EngineEvent], None] | None = None,
@@ -194,10 +245,11 @@ class GuardedBatchEngine:
             sink = events.put
         rid = request_id if request_id is not None else f"ng-{next(self._ids)}"
         params = request.params
-        generator = None
-        if params.temperature > 0 and params.seed is not None:
-            generator = torch.Generator(device=self.loaded.device).manual_seed(params.seed)
-        live = Live(rid, request, sink, generator)
+        if self.tensor_parallel_size > 1 and params.temperature > 0 and params.seed is None:
+            # Every rank samples this request's tokens: they need one seed (the process's own RNG differs per rank).
+            request = replace(request, params=replace(params, seed=secrets.randbits(63)))
+            params = request.params
+        live = Live(rid, Policy(request, self._generator(request, params.seed)), sink)
         with self._lock:
             if self._closed or not self._manager.is_running():
                 raise RuntimeError("the batching engine is not running")
@@ -286,13 +338,26 @@ class GuardedBatchEngine:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Pause the batching loop so this thread can run the model (its step hooks stay idle)."""
+        """Pause the batching loop so this thread can run the model (its step hooks stay idle).
+
+        Not under tensor parallelism: a forward pass of one rank alone would wait for the others forever.
+        """
+        if self.tensor_parallel_size > 1:
+            raise RuntimeError("a tensor-parallel engine cannot be paused for a forward pass on one rank")
         with self._manager.pause():
             yield
 
     @property
     def running(self) -> bool:
         return not self._closed and self._manager.is_running()
+
+    def wait(self) -> None:
+        """Follow the driver's steps until it shuts the engine down (the non-driver ranks' main loop)."""
+        if self.is_driver:
+            raise RuntimeError("the driver rank takes requests; only the other tensor-parallel ranks wait")
+        thread = self._manager._generation_thread
+        while thread is not None and thread.is_alive():
+            thread.join(timeout=1.0)
 
     def stats(self) -> EngineStats:
         s = self._state

@@ -6,11 +6,15 @@ engine's packing order) to packed rows before any layer runs: each request's spa
 the requests that get a token this step their last row (the one whose logits are sampled).
 The down-projection hooks then read out or overwrite only those rows: no activation leaves
 the device except the [n, heads] readout once per step.
+
+Under tensor parallelism every rank runs these hooks on its slice of the neurons
+(`models.engine.sharding`); what decides a request's rows is its `Policy`, which every rank
+holds identically, so all ranks patch, read out and sample the same rows in every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -21,25 +25,40 @@ from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.generation.continuous_batching.requests import FutureRequestState
 
 from neuronguard.models.generation import PatchSource, sample
-from neuronguard.models.hooks import DeviceCache, registered
+from neuronguard.models.hooks import registered
 from neuronguard.models.readout import LinearReadout
-from neuronguard.models.sites import NeuronSites
-from neuronguard.models.truncated_forward import capture_until_deepest, run_until_stop
+from neuronguard.models.sites import NeuronSites, resolve_sites
+from neuronguard.models.truncated_forward import StopForward, capture_until_deepest, run_until_stop
+from neuronguard.models.engine.sharding import MLPShard
 from neuronguard.models.engine.types import EngineRequest, EngineEvent
 
 
 @dataclass(eq=False)
+class Policy:
+    """What decides a request's rows in every step: its guard flags and its sampler (one per rank)."""
+
+    request: EngineRequest
+    generator: torch.Generator | None
+
+
+Policies = Callable[[Sequence[FutureRequestState]], Mapping[str, "Policy | None"]]
+
+
+@dataclass(eq=False)
 class Live:
-    """The engine's record of one request in flight; hooks fill `readout` and `patched` each step."""
+    """The engine's record of one request it delivers events for; hooks fill `readout` and `patched`."""
 
     request_id: str
-    request: EngineRequest
+    policy: Policy
     sink: Callable[[EngineEvent], None]
-    generator: torch.Generator | None
     emitted: int = 0
     readout: torch.Tensor | None = None  # [heads] of the latest step, until its token is emitted
     patched: int = 0  # positions patched since the last event
     done: bool = False
+
+    @property
+    def request(self) -> EngineRequest:
+        return self.policy.request
 
 
 @dataclass(frozen=True)
@@ -58,8 +77,8 @@ class Twin:
 class StepPlan:
     """Which packed rows the hooks touch in the current step."""
 
-    new_token: list[Live | None]  # in logits order: one entry per request that gets a token (padding slots follow)
-    readout_lives: list[Live]
+    new_token: list[Policy | None]  # in logits order: one entry per request that gets a token (padding slots follow)
+    readout_ids: list[str]
     readout_rows: torch.Tensor | None  # [n] long, the last row of each readout request with a token
     patch_rows: torch.Tensor | None  # [m] long, every row of the patched requests
     twin_values: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [1, T, k_layer]
@@ -89,39 +108,47 @@ def step_hooks(
     model: nn.Module,
     sites: NeuronSites,
     batch: Callable[[], Sequence[FutureRequestState]],
+    policies: Policies,
     lives: dict[str, Live],
     readout: LinearReadout | None,
     twin: Twin | None,
     state: StepState,
+    shard: MLPShard | None = None,
 ) -> Iterator[StepState]:
     """Install the per-step hooks on the served model until exit (the twin is hooked per step).
 
-    `batch()` returns the step's requests in packing order. Forward calls that are not
-    engine steps (no paged cache in their kwargs) run with every hook idle.
+    `batch()` returns the step's requests in packing order and `policies(requests)` their
+    policies (None for a request the engine knows nothing of); `lives` receive the readout.
+    With `shard`, the hooks work on this tensor-parallel rank's slice of the neurons. Forward
+    calls that are not engine steps (no paged cache in their kwargs) run with every hook idle.
     """
     handles: list[RemovableHandle] = []
     device = sites.layers[0].down.weight.device
+    twin_local = shard.indices(twin.source.selection) if shard is not None and twin is not None else None
 
     def begin(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
         state.plan = None
         if not isinstance(kwargs.get("cache"), PagedAttentionCache):
             return
         requests = batch()
-        new_token: list[Live | None] = []
-        readout_lives: list[Live] = []
+        table = policies(requests)
+        new_token: list[Policy | None] = []
+        readout_ids: list[str] = []
         readout_rows: list[int] = []
         patch_rows: list[int] = []
         offset = 0
         for future in requests:
-            live = lives.get(future.state.request_id)
+            rid = future.state.request_id
+            policy = table.get(rid)
             end = offset + future.query_length
-            if live is not None and live.request.patch:
+            if policy is not None and policy.request.patch:
                 patch_rows.extend(range(offset, end))
-                live.patched += future.query_length
+                if (live := lives.get(rid)) is not None:
+                    live.patched += future.query_length
             if future.has_new_token:
-                new_token.append(live)
-                if live is not None and live.request.readout:
-                    readout_lives.append(live)
+                new_token.append(policy)
+                if policy is not None and policy.request.readout:
+                    readout_ids.append(rid)
                     readout_rows.append(end - 1)
             offset = end
         # The engine packs requests in this order, one logits slot per request: check it still does.
@@ -130,15 +157,20 @@ def step_hooks(
         state.steps += 1
         state.tokens_computed += offset
         state.last_batch_requests, state.last_batch_tokens = len(requests), offset
-        plan = StepPlan(new_token, readout_lives, _rows(readout_rows, device), _rows(patch_rows, device))
+        plan = StepPlan(new_token, readout_ids, _rows(readout_rows, device), _rows(patch_rows, device))
         if twin is not None and plan.patch_rows is not None:
             twin_kwargs = {k: v for k, v in kwargs.items() if k != "logits_to_keep"}
             twin_kwargs["cache"] = twin.cache
             source = twin.source
             # Hooked for this pass only: between steps the twin is free for other callers.
-            with capture_until_deepest(source.model, source.selection, sites=source.sites, deepest=source.deepest) as cap:
-                run_until_stop(source.model, **twin_kwargs)
-            plan.twin_values = cap.latest_by_layer()
+            if twin_local is not None:
+                with _capture_owned(source, twin_local) as values:
+                    run_until_stop(source.model, **twin_kwargs)
+                plan.twin_values = values
+            else:
+                with capture_until_deepest(source.model, source.selection, sites=source.sites, deepest=source.deepest) as cap:
+                    run_until_stop(source.model, **twin_kwargs)
+                plan.twin_values = cap.latest_by_layer()
         state.plan = plan
 
     def end(_module: nn.Module, _args: tuple, _kwargs: dict, _output: object) -> None:
@@ -147,9 +179,12 @@ def step_hooks(
             return
         if plan.layers_seen != len(readout.selection.groups):
             raise RuntimeError("the readout did not see every selected layer in this step")
+        if shard is not None:
+            shard.all_reduce(plan.total)  # every rank summed its own neurons' share
         logits = plan.total.cpu()  # [n, heads]: the step's one transfer to the host
-        for row, live in enumerate(plan.readout_lives):
-            live.readout = logits[row]
+        for row, rid in enumerate(plan.readout_ids):
+            if (live := lives.get(rid)) is not None:
+                live.readout = logits[row]
 
     def readout_hook(weight: torch.Tensor, bias: torch.Tensor, first: bool) -> Callable:
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -168,14 +203,13 @@ def step_hooks(
 
         return hook
 
-    def patch_hook(layer: int, indices: DeviceCache) -> Callable:
+    def patch_hook(layer: int, idx: torch.Tensor) -> Callable:
         def hook(_module: nn.Module, args: tuple) -> tuple | None:
             plan = state.plan
             if plan is None or plan.patch_rows is None:
                 return None
             x = args[0]
             flat = _flat(x)
-            _, idx = indices.get(layer, flat.device)
             values = _flat(plan.twin_values[layer]).index_select(0, plan.patch_rows).to(flat.dtype)  # [m, k_layer]
             patched = flat.clone()
             patched.index_put_((plan.patch_rows[:, None], idx[None, :]), values)
@@ -190,6 +224,8 @@ def step_hooks(
             readout.selection.validate(sites)
             d_mlp = {layer: sites.layers[layer].d_mlp for layer in readout.selection.groups}
             dense = readout.dense(device, d_mlp)
+            if shard is not None:
+                dense = shard.readout(dense)
             first = min(readout.selection.groups)
             for layer in readout.selection.groups:
                 weight, bias = dense[layer]
@@ -197,11 +233,36 @@ def step_hooks(
         if twin is not None:
             selection = twin.source.selection
             selection.validate(sites)
-            indices = DeviceCache(selection)
-            for layer in selection.groups:
-                handles.append(sites.layers[layer].down.register_forward_pre_hook(patch_hook(layer, indices)))
+            owned = twin_local if twin_local is not None else {layer: idx for layer, (_, idx) in selection.groups.items()}
+            for layer, idx in owned.items():
+                if idx.numel():
+                    handles.append(sites.layers[layer].down.register_forward_pre_hook(patch_hook(layer, idx.to(device))))
         handles.append(model.register_forward_hook(end, with_kwargs=True))
         yield state
+
+
+@contextmanager
+def _capture_owned(source: PatchSource, owned: dict[int, torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
+    """The twin's owned neurons at every patched layer ([1, T, k_owned], possibly empty); the pass
+    stops at the deepest patched layer on every rank alike, so the twin's collectives match."""
+    sites = source.sites or resolve_sites(source.model)
+    device = sites.layers[0].down.weight.device
+    deepest = max(owned)
+    values: dict[int, torch.Tensor] = {}
+    handles: list[RemovableHandle] = []
+
+    def grab(layer: int, idx: torch.Tensor) -> Callable:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            values[layer] = args[0].index_select(-1, idx)
+            if layer == deepest:
+                raise StopForward
+
+        return hook
+
+    with registered(handles):
+        for layer, idx in owned.items():
+            handles.append(sites.layers[layer].down.register_forward_pre_hook(grab(layer, idx.to(device))))
+        yield values
 
 
 class RequestSampler:
@@ -222,10 +283,10 @@ class RequestSampler:
         if plan is None:
             return scores
         out = scores
-        for row, live in enumerate(plan.new_token):
-            if live is None or live.request.params.temperature <= 0:
+        for row, policy in enumerate(plan.new_token):
+            if policy is None or policy.request.params.temperature <= 0:
                 continue
-            token = sample(scores[row : row + 1], live.request.params, live.generator)
+            token = sample(scores[row : row + 1], policy.request.params, policy.generator)
             if out is scores:
                 out = scores.clone()
             out[row].fill_(float("-inf"))

@@ -1,0 +1,142 @@
+"""One guarded workload on the batching engine, alone or as a tensor-parallel group; rank 0 writes what happened.
+
+    python -m bench.tensor_parallel --out runs/tp1                           # one process
+    torchrun --standalone --nproc-per-node 2 -m bench.tensor_parallel --out runs/tp2 --tensor-parallel
+
+The served model is the unaligned organism, the patch source the aligned one, the readout the
+bundle's two probes. The 32 requests are chat-rendered test-split prompts (harmful and
+harmless alternately) in four guard variants by index: plain, guarded (readout, blocked by
+the probe thresholds), guarded and patched, patched only; every eighth request samples with
+its own seed. A guarded request is blocked as the server blocks it: before its first token
+when the prefill probe's score reaches its threshold, later when the stream probe's does
+(cancelled before the next step). `--no-guard` runs the same requests as plain ones (the
+all-reduce's cost is the difference). Rank 0 writes `result.json`: per request its tokens,
+readout logits and the step it was blocked at, plus the wall time and steps of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from neuronguard.models.artifact.bundle import load_bundle
+from neuronguard.models.artifact.probe import probes_readout
+from neuronguard.models.chat import encode_prompt
+from neuronguard.models.engine import EngineConfig, EngineEvent, EngineRequest, GuardedBatchEngine, TokenEvent
+from neuronguard.models.generation import PatchSource, SamplingParams
+from neuronguard.models.jsonl import read_records
+from neuronguard.models.loading import load_model
+
+ORGANISM = Path(__file__).resolve().parents[1] / "models" / "organism"
+PREFILL_HEAD, STREAM_HEAD = 0, 1
+VARIANTS = ("plain", "guarded", "guarded+patched", "patched")
+
+
+@dataclass
+class Record:
+    """What one request did: the released tokens, the readout of each step, where it was blocked."""
+
+    variant: str
+    tokens: list[int] = field(default_factory=list)
+    readouts: list[list[float]] = field(default_factory=list)
+    blocked_at: int | None = None
+    finish: str | None = None
+
+
+def workload(n: int, max_new_tokens: int) -> list[tuple[str, str, SamplingParams]]:
+    """(prompt, variant, params) of each request, four harmless, four harmful in turn."""
+    rows = read_records(ORGANISM / "data" / "splits" / "test.jsonl", ("prompt", "label"))
+    harmful = [r["prompt"] for r in rows if r["label"] == "harmful"]
+    harmless = [r["prompt"] for r in rows if r["label"] == "harmless"]
+    out = []
+    for i in range(n):
+        prompt = (harmful if i % 8 >= 4 else harmless)[i]
+        sampled = i % 8 == 5
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8 if sampled else 0.0, seed=i if sampled else None)
+        out.append((prompt, VARIANTS[i % len(VARIANTS)], params))
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    tp = args.tensor_parallel
+    served = load_model(ORGANISM / "unaligned", "cpu", tensor_parallel=tp)
+    twin = load_model(ORGANISM / "aligned", "cpu", tensor_parallel=tp)
+    bundle = load_bundle(ORGANISM / "bundle", served)
+    stream = bundle.stream_probe or bundle.probe
+    selection = bundle.neurons.top(max(bundle.probe.k, stream.k)).selection()
+    readout = probes_readout(selection, (bundle.probe, stream))
+    source = PatchSource(twin.model, bundle.neurons.top(bundle.default_patch_k).selection(), twin.sites, selected_mlp=not tp)
+    config = EngineConfig(num_blocks=256, max_batch_tokens=256, prefix_sharing=False)
+    thresholds = (bundle.probe.threshold, args.stream_threshold if args.stream_threshold is not None else stream.threshold)
+    with GuardedBatchEngine(served, readout=readout, patch_source=source, config=config) as engine:
+        if not engine.is_driver:
+            engine.wait()
+            return
+        requests = workload(args.requests, args.max_new_tokens)
+        records = [Record(variant if not args.no_guard else "plain") for _, variant, _ in requests]
+        done = threading.Semaphore(0)
+
+        def sink_for(i: int):
+            record = records[i]
+
+            def sink(event: EngineEvent) -> None:
+                if isinstance(event, TokenEvent):
+                    if event.readout_logits is not None:
+                        logits = event.readout_logits.tolist()
+                        record.readouts.append(logits)
+                        head = PREFILL_HEAD if event.index == 0 else STREAM_HEAD
+                        if 1 / (1 + math.exp(-logits[head])) >= thresholds[head]:
+                            record.blocked_at = event.index
+                            engine.cancel(f"req-{i}")  # before the token is released, as the server blocks
+                            return
+                    record.tokens.append(event.token)
+                    return
+                record.finish = getattr(event, "reason", None) or f"error: {getattr(event, 'message', '')}"
+                done.release()
+
+            return sink
+
+        start = time.perf_counter()
+        steps0 = engine.stats().steps
+        for i, (prompt, variant, params) in enumerate(requests):
+            if args.no_guard:
+                variant = "plain"
+            request = EngineRequest(tuple(encode_prompt(served.tokenizer, prompt)), params,
+                                    readout="guarded" in variant, patch="patched" in variant)
+            engine.submit(request, sink_for(i), request_id=f"req-{i}")
+        for _ in requests:
+            done.acquire()
+        wall = time.perf_counter() - start
+        steps = engine.stats().steps - steps0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps({
+        "tensor_parallel_size": int(os.environ.get("WORLD_SIZE", "1")) if tp else 1,
+        "guard": not args.no_guard, "wall_s": wall, "steps": steps, "thresholds": thresholds,
+        "requests": [record.__dict__ for record in records],
+    }, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tensor-parallel", action="store_true", help="shard the model over the torchrun group")
+    parser.add_argument("--no-guard", action="store_true", help="the same requests, all plain")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--stream-threshold", type=float, help="stream-probe threshold (default: the bundle's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
