@@ -45,7 +45,8 @@ def _hooks_gauge(state: AppState, runtime: Runtime) -> Callable[[], float]:
 
     def read() -> float:
         batch = state.batch
-        if batch is None or not batch.patched_in_flight or not batch.engine.running:
+        # A tensor-parallel engine cannot pause for one rank: its count may include a twin pass's own hooks.
+        if batch is None or not batch.patched_in_flight or not batch.engine.running or batch.engine.tensor_parallel_size > 1:
             return _registered_hooks(runtime, state.engine_hooks)
         with batch.engine.exclusive():
             return _registered_hooks(runtime, state.engine_hooks)
@@ -69,7 +70,7 @@ def _hook_guard(state: AppState) -> Callable[[], None]:
     return check
 
 
-def _start_engine(runtime: Runtime, settings: Settings) -> GuardedBatchEngine:
+def start_engine(runtime: Runtime, settings: Settings) -> GuardedBatchEngine:
     """The batching engine on the served model, with the guard's readout and the patch source."""
     config = EngineConfig(num_blocks=settings.engine_kv_blocks, max_batch_tokens=settings.engine_max_batch_tokens,
                           max_requests_per_batch=min(settings.max_queue, 64))
@@ -95,7 +96,7 @@ async def _load(state: AppState, loader: Loader, on_load_error: Callable[[BaseEx
     exclusive: Callable[[], AbstractContextManager[Any]] = nullcontext
     if settings.engine == "batched":
         try:
-            engine = await asyncio.to_thread(_start_engine, runtime, settings)
+            engine = await asyncio.to_thread(start_engine, runtime, settings)
         except Exception as exc:  # noqa: BLE001 - reported like a load failure
             _failed(state, exc, "starting the batching engine", on_load_error)
             return

@@ -40,6 +40,9 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--engine", "engine", {"choices": ("batched", "serial"),
                             "help": "'batched': continuous batching, many requests per step; 'serial': one request "
                                     "at a time (default serial)"}),
+    ("--tensor-parallel-size", "tensor_parallel_size",
+     {"type": int, "metavar": "N", "help": "shard the model over N ranks, one process each (torchrun on this machine); "
+                                           "needs --engine batched (default 1)"}),
     ("--engine-kv-blocks", "engine_kv_blocks", {"type": int, "metavar": "N",
                                                 "help": "batched engine: KV cache blocks of 32 tokens, shared by all "
                                                         "requests (default 256)"}),
@@ -113,6 +116,18 @@ def serve(args: argparse.Namespace) -> int:
         name = ".".join(map(str, first["loc"]))
         raise UsageError(f"invalid setting {name}: {first['msg']} "
                          f"(fix: correct --{name.replace('_', '-')} or NEURONGUARD_{name.upper()})") from None
+    if settings.tensor_parallel_size > 1:
+        from neuronguard.server import tensor_parallel
+
+        rank = tensor_parallel.group_rank(settings)
+        if rank is None:  # not launched yet: check everything, then start one process per rank (rank 0 binds)
+            from neuronguard.server.runtime import preflight
+
+            preflight(settings)
+            bind(settings.host, settings.port).close()
+            return tensor_parallel.launch(settings.tensor_parallel_size)
+        if rank > 0:
+            return tensor_parallel.follow(settings)
     sock = bind(settings.host, settings.port)
     try:
         from neuronguard.server.app import create_app

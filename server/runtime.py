@@ -110,7 +110,10 @@ def system_fingerprint(model_fingerprint: str, bundle: Bundle | None) -> str:
 
 
 def check_guard_settings(settings: Settings) -> None:
-    """The guard mode needs what it uses: a bundle to score, a patch source to patch."""
+    """The guard mode needs what it uses: a bundle to score, a patch source to patch; sharding needs the batched engine."""
+    if settings.tensor_parallel_size > 1 and settings.engine != "batched":
+        raise UsageError(f"--tensor-parallel-size {settings.tensor_parallel_size} runs on the batching engine "
+                         "(fix: add --engine batched)")
     if settings.bundle is None and settings.guard_mode != "off":
         raise UsageError(f"guard mode '{settings.guard_mode}' needs a guard bundle "
                          "(fix: pass --bundle DIR, or --guard-mode off to serve the model unguarded)")
@@ -163,7 +166,8 @@ def preflight(settings: Settings) -> None:
 def load_runtime(settings: Settings) -> Runtime:
     """Load model, bundle and patch source; raise `UsageError` with a clear message on a mismatch."""
     check_guard_settings(settings)
-    loaded = load_model(settings.model, settings.device, settings.dtype)
+    sharded = settings.tensor_parallel_size > 1
+    loaded = load_model(settings.model, settings.device, settings.dtype, tensor_parallel=sharded)
     bundle = None
     if settings.bundle is not None:
         bundle = load_bundle(settings.bundle, loaded, allow_weights_mismatch=settings.allow_weights_mismatch)
@@ -177,13 +181,14 @@ def load_runtime(settings: Settings) -> Runtime:
         probe_selection = bundle.neurons.top(max(bundle.probe.k, stream_probe.k)).selection()
         readout = probes_readout(probe_selection, (bundle.probe, stream_probe))
         if settings.patch_source is not None:
-            source = load_model(settings.patch_source, settings.device, settings.dtype)
+            source = load_model(settings.patch_source, settings.device, settings.dtype, tensor_parallel=sharded)
             assert_same_architecture(loaded, source)
             k = settings.patch_k or bundle.default_patch_k
             if k > len(bundle.neurons):
                 raise UsageError(f"patch k={k} exceeds the bundle's {len(bundle.neurons)} neurons "
                                  "(fix: lower --patch-k / NEURONGUARD_PATCH_K)")
-            patch_source = PatchSource(source.model, bundle.neurons.top(k).selection(), source.sites)
+            # The deepest layer's selected-neuron path slices whole weight rows: not on a sharded twin.
+            patch_source = PatchSource(source.model, bundle.neurons.top(k).selection(), source.sites, selected_mlp=not sharded)
     log.info(
         "loaded",
         extra={"model": settings.model, "bundle": bundle.name if bundle else None,

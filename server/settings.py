@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     patch_k: int | None = Field(None, ge=1)  # None: the bundle's default
     # 'batched': continuous batching on one GuardedBatchEngine; 'serial': one request at a time.
     engine: EngineKind = "serial"
+    # Ranks the model is sharded over (transformers' tensor parallelism, one process per rank); needs the batched engine.
+    tensor_parallel_size: int = Field(1, ge=1)
     # The batching engine's paged KV cache (blocks of 32 tokens, shared by every request) and step size.
     engine_kv_blocks: int = Field(256, ge=1)
     engine_max_batch_tokens: int = Field(256, ge=1)

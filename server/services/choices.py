@@ -85,7 +85,9 @@ def start(ctx: ServiceContext, job: GenerationJob) -> JobHandle:
     if ctx.batch is not None and batchable(ctx, job):
         return ctx.batch.submit(engine_request(runtime, job),
                                 lambda c: EngineSteps(GuardedStream(runtime, metrics, job, c.emit)))
-    return ctx.scheduler.submit(lambda c: run_generation(runtime, metrics, job, c))
+    reason = serial_only(job.params)
+    what = f"'{reason}'" if reason is not None else "a request longer than the batching engine's per-request KV capacity"
+    return ctx.serial(what, reason).submit(lambda c: run_generation(runtime, metrics, job, c))
 
 
 def _result(handle: JobHandle) -> GenerationResult:

@@ -44,6 +44,14 @@ class ServiceContext:
     metrics: Metrics
     batch: BatchScheduler | None = None  # the batching engine, with `--engine batched`
 
+    def serial(self, what: str, param: str | None = None) -> Scheduler:
+        """The serial worker for `what`; refused under tensor parallelism, where a forward pass needs every rank."""
+        if self.settings.tensor_parallel_size > 1:
+            raise APIError(400, f"{what} runs on the serial worker, which tensor-parallel serving does not have "
+                                "(fix: drop it, or send it to a replica served without --tensor-parallel-size)",
+                           code="unsupported_parameter", param=param)
+        return self.scheduler
+
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""

@@ -63,7 +63,8 @@ class ModerationService:
 
     async def _score(self, request: Request, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         runtime, metrics = self.ctx.runtime, self.ctx.metrics
-        handles = submit([lambda: self.ctx.scheduler.submit(lambda c: score_prompts(runtime, metrics, prompts, c))])
+        scheduler = self.ctx.serial("prefill-only scoring (moderations, guard checks)")
+        handles = submit([lambda: scheduler.submit(lambda c: score_prompts(runtime, metrics, prompts, c))])
         return await settle(request, handles, handles[0].result())
 
     async def moderate(self, body: ModerationRequest, request: Request) -> ModerationResponse:
