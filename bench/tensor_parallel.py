@@ -9,9 +9,12 @@ harmless alternately) in four guard variants by index: plain, guarded (readout, 
 the probe thresholds), guarded and patched, patched only; every eighth request samples with
 its own seed. A guarded request is blocked as the server blocks it: before its first token
 when the prefill probe's score reaches its threshold, later when the stream probe's does
-(cancelled before the next step). `--no-guard` runs the same requests as plain ones (the
-all-reduce's cost is the difference). Rank 0 writes `result.json`: per request its tokens,
-readout logits and the step it was blocked at, plus the wall time and steps of the run.
+(cancelled before the next step). For timing, `--mode plain` runs the same requests
+unguarded and `--mode readout` reads every request out on every step without blocking or
+patching (the same steps, so the difference is the guard's cost). Rank 0 writes
+`result.json`: per request its tokens, readout logits and the step it was blocked at, plus
+the wall time and steps of the run, and (tensor-parallel) the mean time of the guard's
+all-reduce of [requests, 2] logits alone, measured after the run on the same group.
 """
 
 from __future__ import annotations
@@ -65,6 +68,18 @@ def workload(n: int, max_new_tokens: int) -> list[tuple[str, str, SamplingParams
     return out
 
 
+def all_reduce_seconds(rows: int, repeats: int = 500) -> float:
+    """Mean seconds of the guard's per-step collective: a sum over the group of [rows, 2] float32 logits."""
+    import torch.distributed as dist
+
+    total = torch.zeros(rows, len((PREFILL_HEAD, STREAM_HEAD)))
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_reduce(total)
+    return (time.perf_counter() - start) / repeats
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     tp = args.tensor_parallel
@@ -77,12 +92,17 @@ def run(args: argparse.Namespace) -> None:
     source = PatchSource(twin.model, bundle.neurons.top(bundle.default_patch_k).selection(), twin.sites, selected_mlp=not tp)
     config = EngineConfig(num_blocks=256, max_batch_tokens=256, prefix_sharing=False)
     thresholds = (bundle.probe.threshold, args.stream_threshold if args.stream_threshold is not None else stream.threshold)
+    if args.mode != "mixed":
+        thresholds = (math.inf, math.inf)  # scores are recorded, nothing is blocked
     with GuardedBatchEngine(served, readout=readout, patch_source=source, config=config) as engine:
         if not engine.is_driver:
             engine.wait()
+            if tp:
+                all_reduce_seconds(args.requests)
             return
         requests = workload(args.requests, args.max_new_tokens)
-        records = [Record(variant if not args.no_guard else "plain") for _, variant, _ in requests]
+        variants = [{"mixed": variant, "plain": "plain", "readout": "guarded"}[args.mode] for _, variant, _ in requests]
+        records = [Record(variant) for variant in variants]
         done = threading.Semaphore(0)
 
         def sink_for(i: int):
@@ -94,7 +114,7 @@ def run(args: argparse.Namespace) -> None:
                         logits = event.readout_logits.tolist()
                         record.readouts.append(logits)
                         head = PREFILL_HEAD if event.index == 0 else STREAM_HEAD
-                        if 1 / (1 + math.exp(-logits[head])) >= thresholds[head]:
+                        if 1 / (1 + math.exp(-logits[head])) >= thresholds[head]:  # never with an infinite threshold
                             record.blocked_at = event.index
                             engine.cancel(f"req-{i}")  # before the token is released, as the server blocks
                             return
@@ -107,9 +127,7 @@ def run(args: argparse.Namespace) -> None:
 
         start = time.perf_counter()
         steps0 = engine.stats().steps
-        for i, (prompt, variant, params) in enumerate(requests):
-            if args.no_guard:
-                variant = "plain"
+        for i, ((prompt, _, params), variant) in enumerate(zip(requests, variants)):
             request = EngineRequest(tuple(encode_prompt(served.tokenizer, prompt)), params,
                                     readout="guarded" in variant, patch="patched" in variant)
             engine.submit(request, sink_for(i), request_id=f"req-{i}")
@@ -117,11 +135,12 @@ def run(args: argparse.Namespace) -> None:
             done.acquire()
         wall = time.perf_counter() - start
         steps = engine.stats().steps - steps0
+    all_reduce_s = all_reduce_seconds(args.requests) if tp else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps({
         "tensor_parallel_size": int(os.environ.get("WORLD_SIZE", "1")) if tp else 1,
-        "guard": not args.no_guard, "wall_s": wall, "steps": steps, "thresholds": thresholds,
+        "mode": args.mode, "wall_s": wall, "steps": steps, "all_reduce_s": all_reduce_s, "thresholds": thresholds,
         "requests": [record.__dict__ for record in records],
     }, indent=1))
 
@@ -130,7 +149,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--tensor-parallel", action="store_true", help="shard the model over the torchrun group")
-    parser.add_argument("--no-guard", action="store_true", help="the same requests, all plain")
+    parser.add_argument("--mode", choices=("mixed", "plain", "readout"), default="mixed",
+                        help="mixed guard variants with blocks (default); all plain; all read out, never blocked")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--stream-threshold", type=float, help="stream-probe threshold (default: the bundle's)")

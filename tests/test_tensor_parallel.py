@@ -45,7 +45,7 @@ def _run(out: Path, *extra: str, ranks: int = 1) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("tp")
-    return {"one": _run(tmp / "one"), "two": _run(tmp / "two", ranks=2), "plain": _run(tmp / "plain", "--no-guard")}
+    return {"one": _run(tmp / "one"), "two": _run(tmp / "two", ranks=2), "plain": _run(tmp / "plain", "--mode", "plain")}
 
 
 def test_two_ranks_make_the_same_tokens_and_decisions(runs: dict[str, dict]) -> None:
