@@ -125,7 +125,7 @@ def serve(args: argparse.Namespace) -> int:
 
             preflight(settings)
             bind(settings.host, settings.port).close()
-            return tensor_parallel.launch(settings.tensor_parallel_size)
+            return tensor_parallel.launch(settings)
         if rank > 0:
             return tensor_parallel.follow(settings)
     sock = bind(settings.host, settings.port)

@@ -32,14 +32,21 @@ def group_rank(settings: Settings) -> int | None:
     return int(os.environ["RANK"])
 
 
-def launch(size: int) -> int:
-    """Run this same `serve` command as `size` ranks on this machine; the exit status of the group."""
+def shutdown_timeout_s(settings: Settings) -> int:
+    """How long torchrun waits after forwarding SIGTERM before it kills the ranks: the server's whole
+    drain (uvicorn's HTTP drain, then the engine's, each up to --graceful-shutdown-s) and a margin."""
+    return int(2 * settings.graceful_shutdown_s) + 15
+
+
+def launch(settings: Settings) -> int:
+    """Run this same `serve` command as one process per rank on this machine; the exit status of the group."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     try:
-        torchrun(["--standalone", "--nnodes", "1", "--nproc-per-node", str(size), "-m", "neuronguard", *sys.argv[1:]])
+        torchrun(["--standalone", "--nnodes", "1", "--nproc-per-node", str(settings.tensor_parallel_size),
+                  "--shutdown-timeout", str(shutdown_timeout_s(settings)), "-m", "neuronguard", *sys.argv[1:]])
     except SignalException:  # SIGTERM/SIGINT: torchrun forwarded it and waited for the ranks to drain and exit
         return 0
     except ChildFailedError as exc:

@@ -66,7 +66,7 @@ def check_fingerprint(path: str | Path, manifest: dict[str, Any], fingerprint: s
     if expected and expected != fingerprint:
         raise UsageError(
             f"bundle '{path}' was built for another model (fingerprint {expected[:12]}, model '{model_name}' "
-            f"has {fingerprint[:12]}): build a bundle for this model with `neuronguard bundle build`"
+            f"has {fingerprint[:12]}) (fix: build a bundle for this model with `neuronguard bundle build`, or pass its own --bundle)"
         )
 
 
