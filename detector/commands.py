@@ -1,6 +1,8 @@
 """Detector CLI: identify, patch-eval, deactivate-eval, probe train, compare, bundle build.
 
 Building the parser imports no torch: the science modules load inside the command functions.
+`identify` and `probe train` also run under `torchrun --nproc-per-node N`: the ranks split the
+prompts and rank 0 alone writes and reports; the other commands refuse torchrun.
 """
 
 from __future__ import annotations
@@ -94,7 +96,26 @@ def _k(neurons: NeuronSet, k: int | None, fraction: float | None, total: int) ->
     return len(neurons.top_fraction(fraction if fraction is not None else 0.05, total))
 
 
+def _one_process(command: str) -> None:
+    """A command that does not split its work would run N times and write the same files N times."""
+    from neuronguard.models.distributed import launched
+
+    if launched():
+        raise UsageError(f"{command} runs in one process: start it without torchrun "
+                         "(identify and probe train split their prompts over torchrun ranks)")
+
+
 def cmd_identify(args: argparse.Namespace) -> int:
+    from neuronguard.models.distributed import process_group
+
+    with process_group(args.device) as device:
+        args.device = device
+        return _identify(args)
+
+
+def _identify(args: argparse.Namespace) -> int:
+    from neuronguard.models.distributed import is_writer
+
     if args.method == "contrasting":
         from neuronguard.detector.contrasting import ContrastStats, contrast, ranked_neurons
 
@@ -103,6 +124,8 @@ def cmd_identify(args: argparse.Namespace) -> int:
         aligned, unaligned = _pair(args)
         stats = contrast(aligned, unaligned, _prompts(args), generator=args.generator, positions=args.positions,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature, seed=args.seed)
+        if not is_writer():  # every rank holds the summed statistics; rank 0 writes them
+            return 0
         for extra in args.merge_stats or []:
             stats = stats + ContrastStats.load(extra)
         if args.stats_out:
@@ -120,6 +143,8 @@ def cmd_identify(args: argparse.Namespace) -> int:
     model = load_from_args(args.model, args)
     stats = importance_stats(model, _prompts(args), attention=args.modules == "all", per_query_top=args.per_query_top,
                              epsilon=args.epsilon, batch_size=args.batch_size)
+    if not is_writer():
+        return 0
     provenance = {"method": "importance", "per_query_top": str(args.per_query_top), "epsilon": str(args.epsilon),
                   "min_fraction": str(args.min_fraction), "prompts": str(args.prompts), "prompts_sha256": file_sha256(args.prompts)}
     if args.modules == "ffn":
@@ -137,6 +162,7 @@ def cmd_patch_eval(args: argparse.Namespace) -> int:
     from neuronguard.detector.patching import patch_sweep, sanity_checks
     from neuronguard.models.generation import SamplingParams
 
+    _one_process("patch-eval")
     aligned, unaligned = _pair(args)
     neurons = _mlp_neurons(args.neurons, unaligned)
     prompts = _prompts(args)
@@ -163,6 +189,7 @@ def cmd_deactivate_eval(args: argparse.Namespace) -> int:
     from neuronguard.models.perplexity import read_texts
     from neuronguard.models.generation import SamplingParams
 
+    _one_process("deactivate-eval")
     aligned = load_from_args(args.aligned, args)
     neurons = _mlp_neurons(args.neurons, aligned)
     k = _k(neurons, args.k, args.fraction, aligned.sites.num_neurons)
@@ -175,7 +202,18 @@ def cmd_deactivate_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_probe_train(args: argparse.Namespace) -> int:
+    from neuronguard.models.distributed import process_group
+
+    with process_group(args.device) as device:
+        args.device = device
+        return _probe_train(args)
+
+
+def _probe_train(args: argparse.Namespace) -> int:
+    """Every rank extracts its share of the features and gets them all back, so every rank fits the
+    same probes; rank 0 writes them."""
     from neuronguard.detector.guard_probes import Labeled, prefill_probe, stream_probe
+    from neuronguard.models.distributed import is_writer
     from neuronguard.models.prompts import read_labeled, read_prompts
 
     model = load_from_args(args.model, args)
@@ -195,15 +233,17 @@ def cmd_probe_train(args: argparse.Namespace) -> int:
     test = labeled(args.test, args.test_harmful, args.test_harmless) if (args.test or args.test_harmful) else None
     sha = file_sha256(args.neurons)
     probe, metrics = prefill_probe(model, chosen, train, test or train, sha256=sha, fpr=args.fpr, seed=args.seed)
-    probe.save(args.out)
-    label = "test" if test else "training (no --test given)"
-    print(f"probe k={probe.k} threshold={probe.threshold:.4f}: {label} AUROC {metrics['auroc']:.3f} "
-          f"TPR {metrics['tpr']:.3f} at FPR {metrics['fpr']:.3f} -> {args.out}")
+    if is_writer():
+        probe.save(args.out)
+        label = "test" if test else "training (no --test given)"
+        print(f"probe k={probe.k} threshold={probe.threshold:.4f}: {label} AUROC {metrics['auroc']:.3f} "
+              f"TPR {metrics['tpr']:.3f} at FPR {metrics['fpr']:.3f} -> {args.out}")
     if args.stream_out:
         stream, stream_metrics = stream_probe(model, chosen, train, test or train, sha256=sha, fpr=args.fpr,
                                               max_new_tokens=args.max_new_tokens, seed=args.seed)
-        stream.save(args.stream_out)
-        print(f"stream probe: AUROC {stream_metrics['auroc']:.3f} TPR {stream_metrics['tpr']:.3f} -> {args.stream_out}")
+        if is_writer():
+            stream.save(args.stream_out)
+            print(f"stream probe: AUROC {stream_metrics['auroc']:.3f} TPR {stream_metrics['tpr']:.3f} -> {args.stream_out}")
     return 0
 
 
@@ -222,6 +262,7 @@ def cmd_bundle_build(args: argparse.Namespace) -> int:
     from neuronguard.detector.build import BuildConfig, build_bundle
     from neuronguard.models.artifact.bundle import load_bundle
 
+    _one_process("bundle build")
     aligned, unaligned = _pair(args)
     heldout = None if str(args.heldout) == "none" else args.heldout
     if not 0 < args.target_fpr < 1:

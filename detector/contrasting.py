@@ -4,7 +4,8 @@ One model (the unaligned one by default) generates on harmful prompts; both mode
 teacher-forced on the same tokens and every MLP neuron is scored by the RMS difference of
 its activations over the chosen positions. Only the sum of squared differences and the
 token count are kept, so memory is O(neurons) whatever the corpus size, and statistics
-from different batches or machines add up exactly (`ContrastStats.__add__`).
+from different batches or machines add up exactly (`ContrastStats.__add__`): under torchrun
+each rank contrasts its own batches and the ranks' sums are added before ranking.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from neuronguard.detector.forward import chunks, on_mlp_inputs, pad_batch
+from neuronguard.detector.forward import on_mlp_inputs, pad_batch, rank_batches
 from neuronguard.models.batching import forward_kwargs
 from neuronguard.models.chat import encode_prompt
+from neuronguard.models.distributed import all_reduce_sum
 from neuronguard.models.generation import SamplingParams, generate_ids, stop_ids
 from neuronguard.models.loading import LoadedModel, assert_same_architecture
 from neuronguard.models.artifact.neurons import NeuronSet, model_metadata
@@ -50,6 +51,11 @@ class ContrastStats:
         if self.fingerprint != other.fingerprint or self.sum_sq.shape != other.sum_sq.shape:
             raise UsageError("contrast statistics come from different models and cannot be merged")
         return ContrastStats(self.sum_sq + other.sum_sq, self.count + other.count, self.fingerprint)
+
+    def summed_over_ranks(self) -> ContrastStats:
+        """Every rank's sums and counts added (the statistics themselves in one process)."""
+        total = all_reduce_sum({"sum_sq": self.sum_sq, "count": torch.tensor(self.count, dtype=torch.int64)})
+        return ContrastStats(total["sum_sq"], int(total["count"]), self.fingerprint)
 
     def scores(self) -> torch.Tensor:
         """[layers, d_mlp] RMS activation difference."""
@@ -125,14 +131,17 @@ def contrast(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> ContrastStats:
-    """Contrast the twins on `prompts`; the result is a sum over batches (any split adds up)."""
+    """Contrast the twins on `prompts`; the result is a sum over batches (any split adds up).
+
+    In a torchrun group each rank runs its shard of the batches and every rank gets the sum.
+    """
     assert_same_architecture(aligned, unaligned)
     writer = unaligned if generator == "unaligned" else aligned
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop_token_ids=stop_ids(writer.tokenizer, writer.model)
     )
     stats = ContrastStats.empty(unaligned)
-    for part in tqdm(list(chunks(prompts, batch_size)), desc="contrasting", unit="batch"):
+    for part in rank_batches(prompts, batch_size, "contrasting"):
         encoded = [encode_prompt(unaligned.tokenizer, p) for p in part]
         if positions in ("completion", "all"):
             completions = generate_ids(writer.model, pad_batch(writer, encoded), params, sites=writer.sites)
@@ -142,7 +151,7 @@ def contrast(
         width = max(len(s) for s in sequences)
         mask = position_mask([len(p) for p in encoded], [len(c) for c in completions], width, positions)
         stats = stats + contrast_batch(aligned, unaligned, sequences, mask)
-    return stats
+    return stats.summed_over_ranks()
 
 
 def ranked_neurons(stats: ContrastStats, unaligned: LoadedModel, provenance: dict[str, str]) -> NeuronSet:

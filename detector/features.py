@@ -4,6 +4,9 @@
   probe sees before the first token).
 - Stream features: each generated token's activation while the model decodes its own
   completion (what the server's stream probe sees mid-generation).
+
+In a torchrun group each rank runs its shard of the batches and the rows are gathered back
+in prompt order on every rank, so whatever is fitted on them is the same as in one process.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from neuronguard.detector.forward import chunks, pad_batch
+from neuronguard.detector.forward import pad_batch, rank_batches
 from neuronguard.models.batching import forward_kwargs
 from neuronguard.models.chat import Request, encode_prompt
+from neuronguard.models.distributed import all_gather
 from neuronguard.models.generation import SamplingParams, decode, stop_ids
 from neuronguard.models.artifact.neurons import NeuronSelection
 from neuronguard.models.hooks import capture
@@ -28,12 +31,12 @@ def last_token_features(model: LoadedModel, prompts: Sequence[Request], selectio
     """[n, k] activations at the last prompt token (left padding puts it at position -1)."""
     out = []
     with capture(model.model, selection, sites=model.sites, positions="last") as cap:
-        for part in tqdm(list(chunks(prompts, batch_size)), desc="prompt features", unit="batch", leave=False):
+        for part in rank_batches(prompts, batch_size, "prompt features", leave=False):
             cap.clear()
             batch = pad_batch(model, [encode_prompt(model.tokenizer, p) for p in part])
             model.model(**forward_kwargs(model.model, batch))
             out.append(cap.last().cpu())
-    return torch.cat(out)
+    return torch.cat(all_gather(out))
 
 
 Pooling = Literal["last", "mean", "max"]
@@ -48,7 +51,7 @@ def pooled_features(model: LoadedModel, prompts: Sequence[Request], selection: N
         return last_token_features(model, prompts, selection, batch_size)
     out = []
     with capture(model.model, selection, sites=model.sites, positions="all") as cap:
-        for part in tqdm(list(chunks(prompts, batch_size)), desc=f"{pooling}-pooled features", unit="batch", leave=False):
+        for part in rank_batches(prompts, batch_size, f"{pooling}-pooled features", leave=False):
             cap.clear()
             batch = pad_batch(model, [encode_prompt(model.tokenizer, p) for p in part])
             model.model(**forward_kwargs(model.model, batch))
@@ -58,7 +61,7 @@ def pooled_features(model: LoadedModel, prompts: Sequence[Request], selection: N
                 out.append((acts * mask).sum(1) / mask.sum(1))
             else:
                 out.append(acts.masked_fill(~mask, float("-inf")).amax(1))
-    return torch.cat(out)
+    return torch.cat(all_gather(out))
 
 
 def decoded_features(
@@ -70,7 +73,7 @@ def decoded_features(
         params = SamplingParams(**{**params.__dict__, "stop_token_ids": stop_ids(model.tokenizer, model.model)})
     prefill: list[torch.Tensor] = []
     per_prompt: list[torch.Tensor] = []
-    for part in tqdm(list(chunks(prompts, batch_size)), desc="decoded features", unit="batch", leave=False):
+    for part in rank_batches(prompts, batch_size, "decoded features", leave=False):
         batch = pad_batch(model, [encode_prompt(model.tokenizer, p) for p in part])
         rows: list[list[torch.Tensor]] = [[] for _ in part]
         alive = torch.ones(len(part), dtype=torch.bool)
@@ -83,4 +86,4 @@ def decoded_features(
             alive &= ~step.finished.cpu()
         empty = torch.empty(0, len(selection))
         per_prompt += [torch.stack(r) if r else empty for r in rows]
-    return torch.cat(prefill), per_prompt
+    return torch.cat(all_gather(prefill)), all_gather(per_prompt)

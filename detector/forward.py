@@ -2,6 +2,8 @@
 
 Detector passes see whole sequences (no KV cache), so hooks receive `[b, s, d_mlp]` with the
 batch shape known in advance; the hooks live in a context manager that always removes them.
+Prompts are cut into batches in one place (`rank_batches`), so in a torchrun group every rank
+runs whole batches exactly as one process would.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from neuronguard.models.batching import Batch, left_pad
+from neuronguard.models.distributed import is_writer, shard
 from neuronguard.models.loading import LoadedModel
 from neuronguard.models.sites import NeuronSites
 
@@ -47,3 +51,9 @@ def pad_batch(loaded: LoadedModel, sequences: Sequence[Sequence[int]]) -> Batch:
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def rank_batches(items: Sequence, size: int, desc: str, *, leave: bool = True) -> tqdm:
+    """This rank's contiguous run of `size`-item batches (all of them in one process), with a
+    progress bar on rank 0 only."""
+    return tqdm(shard(list(chunks(items, size))), desc=desc, unit="batch", leave=leave, disable=not is_writer())

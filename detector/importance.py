@@ -13,7 +13,9 @@ neuron is zeroed, over the query's tokens:
   `||V[:, d]|| * sqrt(sum_{h uses g} ||W_o[:, h*d_h + d]||^2)` (attention mixing ignored).
 A neuron is *activated* on a query when its importance is in the top `per_query_top` share
 of its (layer, module), or at least `epsilon`; safety neurons are activated on at least
-`min_fraction` of the queries (1.0 = every query). Statistics stream: memory is O(neurons).
+`min_fraction` of the queries (1.0 = every query). Statistics stream: memory is O(neurons),
+and they are counts and sums over queries, so under torchrun each rank scores its own batches
+and the ranks' statistics add up exactly.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from neuronguard.detector.forward import chunks, on_mlp_inputs, pad_batch
+from neuronguard.detector.forward import on_mlp_inputs, pad_batch, rank_batches
 from neuronguard.models.batching import forward_kwargs
 from neuronguard.models.chat import encode_prompt
+from neuronguard.models.distributed import all_reduce_sum
 from neuronguard.models.loading import LoadedModel
 from neuronguard.models.artifact.neurons import FORMAT as NEURONS_FORMAT
 from neuronguard.models.artifact.neurons import MLP_SITE, NeuronSet, model_metadata
@@ -74,13 +76,28 @@ def qk_importance(q: torch.Tensor, k: torch.Tensor, n_rep: int, chunk_elements: 
     return per_q, per_k
 
 
+def _attention_widths(shape: AttentionShape) -> dict[str, int]:
+    """Neurons per layer of each attention projection: query dimensions, and kv dimensions for K and V."""
+    return {"q_proj": shape.heads * shape.d_head, "k_proj": shape.kv_heads * shape.d_head, "v_proj": shape.kv_heads * shape.d_head}
+
+
 @dataclass
 class ImportanceStats:
-    """Streamed per-module counts of 'activated' queries and summed importance."""
+    """Streamed per-module counts of 'activated' queries and summed importance (all additive)."""
 
     activated: dict[str, torch.Tensor]  # module -> int64 [layers, width]
     total: dict[str, torch.Tensor]  # module -> float64 [layers, width]
     queries: int = 0
+
+    @classmethod
+    def empty(cls, loaded: LoadedModel, attention: bool = True) -> ImportanceStats:
+        """Zeros for every module `batch_importance` scores on this model (the same keys on every rank)."""
+        widths = {name: loaded.sites.d_mlp for name in FFN_MODULES}
+        if attention and _attention_modules(loaded) is not None:
+            widths.update(_attention_widths(AttentionShape.of(loaded)))
+        layers = loaded.sites.num_layers
+        return cls({m: torch.zeros(layers, w, dtype=torch.int64) for m, w in widths.items()},
+                   {m: torch.zeros(layers, w, dtype=torch.float64) for m, w in widths.items()})
 
     def add(self, module: str, importance: torch.Tensor, per_query_top: float, epsilon: float | None) -> None:
         """importance [b, layers, width] for b queries."""
@@ -90,10 +107,16 @@ class ImportanceStats:
             keep = max(1, math.ceil(per_query_top * importance.shape[-1]))
             threshold = importance.topk(keep, dim=-1).values[..., -1:]
             active = importance >= threshold
-        self.activated.setdefault(module, torch.zeros(importance.shape[1:], dtype=torch.int64))
-        self.total.setdefault(module, torch.zeros(importance.shape[1:], dtype=torch.float64))
         self.activated[module] += active.sum(0).cpu()
         self.total[module] += importance.double().sum(0).cpu()
+
+    def summed_over_ranks(self) -> ImportanceStats:
+        """Every rank's counts and sums added (the statistics themselves in one process)."""
+        tensors = {**{f"activated.{m}": t for m, t in self.activated.items()}, **{f"total.{m}": t for m, t in self.total.items()},
+                   "queries": torch.tensor(self.queries, dtype=torch.int64)}
+        summed = all_reduce_sum(tensors)
+        return ImportanceStats({m: summed[f"activated.{m}"] for m in self.activated}, {m: summed[f"total.{m}"] for m in self.total},
+                               int(summed["queries"]))
 
 
 class _AttentionRecorder:
@@ -162,8 +185,7 @@ def batch_importance(loaded: LoadedModel, sequences: list[list[int]], *, attenti
 def _attention_importance(loaded: LoadedModel, values: dict, valid: torch.Tensor, chunk_elements: int) -> dict[str, torch.Tensor]:
     shape = AttentionShape.of(loaded)
     n_layers, b = loaded.sites.num_layers, valid.shape[0]
-    out = {name: torch.empty(b, n_layers, width) for name, width in
-           (("q_proj", shape.heads * shape.d_head), ("k_proj", shape.kv_heads * shape.d_head), ("v_proj", shape.kv_heads * shape.d_head))}
+    out = {name: torch.empty(b, n_layers, width) for name, width in _attention_widths(shape).items()}
     for s in loaded.sites.layers:
         layer = s.index
         o_norm = s.o.weight.detach().float().norm(dim=0).pow(2)  # [H*d_h]: column norms of W_o
@@ -193,14 +215,17 @@ def importance_stats(
     epsilon: float | None = None,
     batch_size: int = 8,
 ) -> ImportanceStats:
-    """Stream importance over the prompts (chat-rendered, prompt tokens only)."""
-    stats = ImportanceStats({}, {})
-    for part in tqdm(list(chunks(prompts, batch_size)), desc="importance", unit="batch"):
+    """Stream importance over the prompts (chat-rendered, prompt tokens only).
+
+    In a torchrun group each rank scores its shard of the batches and every rank gets the sum.
+    """
+    stats = ImportanceStats.empty(loaded, attention)
+    for part in rank_batches(prompts, batch_size, "importance"):
         encoded = [encode_prompt(loaded.tokenizer, p) for p in part]
         for module, importance in batch_importance(loaded, encoded, attention=attention).items():
             stats.add(module, importance, per_query_top, epsilon)
         stats.queries += len(part)
-    return stats
+    return stats.summed_over_ranks()
 
 
 def select_weight_rows(stats: ImportanceStats, loaded: LoadedModel, min_fraction: float, provenance: dict[str, str]) -> WeightRowSet:
