@@ -13,8 +13,9 @@ when the prefill probe's score reaches its threshold, later when the stream prob
 unguarded and `--mode readout` reads every request out on every step without blocking or
 patching (the same steps, so the difference is the guard's cost). Rank 0 writes
 `result.json`: per request its tokens, readout logits and the step it was blocked at, plus
-the wall time and steps of the run, and (tensor-parallel) the mean time of the guard's
-all-reduce of [requests, 2] logits alone, measured after the run on the same group.
+the wall time and steps of the run, and (tensor-parallel) the seconds the engine waited for
+the guard's all-reduce (started at the last probe layer, waited on at the end of the forward)
+and the mean time of that all-reduce alone, measured after the run on the same group.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from neuronguard.models.artifact.bundle import load_bundle
 from neuronguard.models.artifact.probe import probes_readout
 from neuronguard.models.chat import encode_prompt
 from neuronguard.models.engine import EngineConfig, EngineEvent, EngineRequest, GuardedBatchEngine, TokenEvent
+from neuronguard.models.engine.sharding import MLPShard
 from neuronguard.models.generation import PatchSource, SamplingParams
 from neuronguard.models.jsonl import read_records
 from neuronguard.models.loading import load_model
@@ -80,9 +82,32 @@ def all_reduce_seconds(rows: int, repeats: int = 500) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+class _TimedWaits:
+    """Seconds the engine spends waiting for the guard's all-reduce (what it adds to a step after the overlap)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.count = 0
+        start = MLPShard.start_all_reduce
+        timer = self
+
+        class Timed:
+            def __init__(self, work: object) -> None:
+                self.work = work
+
+            def wait(self) -> None:
+                begin = time.perf_counter()
+                self.work.wait()
+                timer.seconds += time.perf_counter() - begin
+                timer.count += 1
+
+        MLPShard.start_all_reduce = lambda shard, total: Timed(start(shard, total))  # type: ignore[method-assign]
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     tp = args.tensor_parallel
+    waits = _TimedWaits() if tp else None
     served = load_model(ORGANISM / "unaligned", "cpu", tensor_parallel=tp)
     twin = load_model(ORGANISM / "aligned", "cpu", tensor_parallel=tp)
     bundle = load_bundle(ORGANISM / "bundle", served)
@@ -140,7 +165,8 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps({
         "tensor_parallel_size": int(os.environ.get("WORLD_SIZE", "1")) if tp else 1,
-        "mode": args.mode, "wall_s": wall, "steps": steps, "all_reduce_s": all_reduce_s, "thresholds": thresholds,
+        "mode": args.mode, "wall_s": wall, "steps": steps, "all_reduce_s": all_reduce_s,
+        "all_reduce_wait_s": waits.seconds if waits is not None else None, "thresholds": thresholds,
         "requests": [record.__dict__ for record in records],
     }, indent=1))
 

@@ -23,7 +23,9 @@ log = logging.getLogger("neuronguard.server")
 
 def group_rank(settings: Settings) -> int | None:
     """This process's rank in the torchrun group, or None when torchrun has not started one."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    from neuronguard.models.distributed import launched
+
+    if not launched():
         return None
     world = int(os.environ["WORLD_SIZE"])
     if world != settings.tensor_parallel_size:

@@ -75,7 +75,9 @@ class MLPShard:
             local[layer] = mine - start
         return local
 
-    def all_reduce(self, total: torch.Tensor) -> torch.Tensor:
-        """Sum the ranks' partial readouts in place: every rank gets the same logits."""
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        return total
+    def start_all_reduce(self, total: torch.Tensor) -> dist.Work:
+        """Start summing the ranks' partial readouts in place (wait on the result before reading it):
+        every rank then holds the same logits."""
+        work = dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        assert work is not None
+        return work

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers.generation.continuous_batching import PagedAttentionCache
@@ -84,6 +85,7 @@ class StepPlan:
     twin_values: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [1, T, k_layer]
     total: torch.Tensor | None = None  # [n, heads] running readout sum
     layers_seen: int = 0
+    reduction: dist.Work | None = None  # tensor parallelism: the ranks' sum of `total`, in flight
 
 
 @dataclass(eq=False)
@@ -179,8 +181,8 @@ def step_hooks(
             return
         if plan.layers_seen != len(readout.selection.groups):
             raise RuntimeError("the readout did not see every selected layer in this step")
-        if shard is not None:
-            shard.all_reduce(plan.total)  # every rank summed its own neurons' share
+        if plan.reduction is not None:
+            plan.reduction.wait()
         logits = plan.total.cpu()  # [n, heads]: the step's one transfer to the host
         for row, rid in enumerate(plan.readout_ids):
             if (live := lives.get(rid)) is not None:
@@ -200,6 +202,9 @@ def step_hooks(
                 assert plan.total is not None
                 plan.total.addmm_(picked, weight)
                 plan.layers_seen += 1
+            if shard is not None and plan.layers_seen == layers:
+                # Each rank summed its own neurons' share: add the ranks' sums while the rest of the forward runs.
+                plan.reduction = shard.start_all_reduce(plan.total)
 
         return hook
 
@@ -222,6 +227,7 @@ def step_hooks(
         # Readout hooks go first: at a patched layer the readout sees the model's own activations.
         if readout is not None:
             readout.selection.validate(sites)
+            layers = len(readout.selection.groups)
             d_mlp = {layer: sites.layers[layer].d_mlp for layer in readout.selection.groups}
             dense = readout.dense(device, d_mlp)
             if shard is not None:
