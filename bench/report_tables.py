@@ -6,7 +6,9 @@
 A generated block sits between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->`;
 `tests/test_docs_figures.py` fails when one differs from what the reports say. Sources:
 `models/organism/organism.json` and `bundle/report/report.json` (planted pair, the positive
-control) and the same under `models/organism/learned/` (learned pair).
+control) and the same under `models/organism/learned/` (learned pair); the tuning experiments'
+`neuronguard eval` results under `models/tuning/results/<organism>/eval.json`
+(`scripts/robustness_experiment.sh`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from neuronguard.detector.sweeps import spread
+
 ROOT = Path(__file__).resolve().parents[1]
 ORGANISMS = {"learned": ROOT / "models/organism/learned", "planted": ROOT / "models/organism"}
+TUNING_RESULTS = ROOT / "models/tuning/results"
+RANDOM_KINDS = {"sn-tune": "sn-tune-random-", "rsn-tune": "rsn-tune-random-", "deact-sn": "deact-r-"}
+RANDOM_NAMES = {"sn-tune": "SN-Tune recipe on random sets", "rsn-tune": "RSN-Tune recipe on random sets",
+                "deact-sn": "deact-r: random sets zeroed"}
 DOCS = (ROOT / "README.md", ROOT / "docs/benchmarks.md", ROOT / "models/organism/README.md")
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
 
@@ -128,12 +136,65 @@ def organisms() -> str:
     return "\n".join(rows) + "\n"
 
 
+def _metric_spread(models: dict[str, Any], prefix: str, key: str) -> dict[str, Any]:
+    values = [m["metrics"][key] for label, m in models.items() if label.startswith(prefix)]
+    out = spread(values)
+    out["min"] = min((v for v in values if v is not None), default=None)
+    return out
+
+
+def _verdict(models: dict[str, Any], label: str, prefix: str, higher_is_effect: bool) -> str:
+    """Whether the safety neurons beat every random set of the same per-layer counts on the harmful rate."""
+    ours = models[label]["metrics"]["harmful_rate"]
+    rnd = _metric_spread(models, prefix, "harmful_rate")
+    best = rnd["max"] if higher_is_effect else rnd["min"]
+    beats = ours > best if higher_is_effect else ours < best
+    direction, extreme = ("raise", "highest") if higher_is_effect else ("lower", "lowest")
+    verdict = "beat every random set" if beats else "do **not** beat the random sets on this organism"
+    return (f"{label}: harmful rate {_pct(ours)}; the same on {rnd['n']} random sets {_pct(rnd['mean'])} ± {_pct(rnd['sd'])} "
+            f"({extreme} {_pct(best)}). To {direction} it, the safety neurons {verdict}.")
+
+
+def tuning() -> str:
+    """SN-Tune, RSN-Tune and deactivation against their random-set controls, per organism."""
+    out = []
+    for name in ORGANISMS:
+        path = TUNING_RESULTS / name / "eval.json"
+        if not path.is_file():
+            continue
+        report = _load(path)
+        models = report["models"]
+        first = next(iter(models.values()))["metrics"]
+        out += [f"**{name} organism** ({first['n_harmful']} harmful and {first['n_harmless']} harmless test prompts, "
+                f"{first['n_text_tokens']:,} tokens of held-out text; greedy, {report['settings']['max_new_tokens']} new tokens, "
+                "keyword judge):", "",
+                "| checkpoint | harmful rate | false refusals (harmless) | perplexity |", "|---|---|---|---|"]
+        for label, m in models.items():
+            if any(label.startswith(prefix) for prefix in RANDOM_KINDS.values()):
+                continue
+            metrics = m["metrics"]
+            out.append(f"| {label} | {_pct(metrics['harmful_rate'])} | {_pct(metrics['false_refusal_rate'])} | "
+                       f"{_num(metrics['perplexity'], 1)} |")
+            if label in RANDOM_KINDS:
+                prefix = RANDOM_KINDS[label]
+                cells = [_metric_spread(models, prefix, key) for key in ("harmful_rate", "false_refusal_rate", "perplexity")]
+                out.append(f"| {RANDOM_NAMES[label]} (mean ± sd, min–max, {cells[0]['n']} seeds) | "
+                           + " | ".join(f"{fmt(c['mean'])} ± {fmt(c['sd'])} ({fmt(c['min'])}–{fmt(c['max'])})"
+                                        for c, fmt in zip(cells, (_pct, _pct, lambda v: _num(v, 1)))) + " |")
+        out.append("")
+        for label, higher in (("sn-tune", False), ("rsn-tune", False), ("deact-sn", True)):
+            if label in models:
+                out.append(f"- {_verdict(models, label, RANDOM_KINDS[label], higher)}")
+        out.append("")
+    return "\n".join(out)
+
+
 def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
 
 RENDERERS: dict[str, Callable[[], str]] = {"guard-headline": guard_headline, "guard-detail": guard_detail,
-                                           "causal": causal, "organisms": organisms}
+                                           "causal": causal, "organisms": organisms, "tuning": tuning}
 
 
 def render_file(text: str) -> str:

@@ -4,8 +4,8 @@
 #   A. SN-Tune of the unaligned organism on its safety neurons (refusal documents plus
 #      harmless retain documents), and full fine-tuning on the same documents (wall-time
 #      comparison);
-#   B. Deact-SN vs Deact-R on the aligned organism (same per-layer counts);
-#   C. robustness: RSN-Tune (safety minus foundation neurons), then plain full fine-tuning of
+#   B. Deact-SN vs Deact-R on the aligned organism (same per-layer counts, one per random seed);
+#   C. robustness: RSN-Tune (safety minus foundation neurons) and its random-set controls, then plain full fine-tuning of
 #      the original, SN-Tune and RSN-Tune checkpoints on benign Alpaca instructions;
 #   D. one `neuronguard eval` over every checkpoint (held-out test split, general_text_test).
 #
@@ -27,7 +27,7 @@ FOUNDATION_PROMPTS=${FOUNDATION_PROMPTS:-models/tuning/data/general_text_prompts
 BENIGN_DOCS=${BENIGN_DOCS:-400}; FT_LR=${FT_LR:-3e-4}; FT_EPOCHS=${FT_EPOCHS:-3}
 LIMIT=${LIMIT:-}                                      # cap prompts per kind in eval (quick runs)
 SEED=${SEED:-0}
-RANDOM_SEEDS=${RANDOM_SEEDS:-"1 2 3"}                  # random-neuron controls of SN-Tune
+RANDOM_SEEDS=${RANDOM_SEEDS:-"1 2 3"}                  # random-neuron controls of SN-Tune, RSN-Tune, Deact
 
 mkdir -p "$RUN"
 tune=("$NG" tune --data "$DATA/refusals_train.jsonl" --max-docs "$DOCS" --lr "$LR" --epochs "$EPOCHS"
@@ -44,11 +44,17 @@ done
 
 # B. Deactivation of the aligned organism: safety neurons vs as many random ones per layer.
 "$NG" deactivate --model "$ORG/aligned" --neurons "$SAFETY" --top-frac "$FRAC" --out "$RUN/deact-sn" --overwrite
-"$NG" deactivate --model "$ORG/aligned" --neurons "$SAFETY" --top-frac "$FRAC" --random "$SEED" --out "$RUN/deact-r" --overwrite
+for r in $RANDOM_SEEDS; do
+  "$NG" deactivate --model "$ORG/aligned" --neurons "$SAFETY" --top-frac "$FRAC" --random "$r" --out "$RUN/deact-r-$r" --overwrite
+done
 
 # C. RSN-Tune: foundation neurons on general text, excluded from the tuned set.
 "$NG" identify --method importance --model "$ORG/unaligned" --prompts "$FOUNDATION_PROMPTS" --out "$RUN/foundation.safetensors"
 "${tune[@]}" --model "$ORG/unaligned" --neurons "$SAFETY" --top-frac "$FRAC" --exclude "$RUN/foundation.safetensors" --out "$RUN/rsn-tune"
+for r in $RANDOM_SEEDS; do  # the same random draws as SN-Tune's controls, minus the foundation neurons
+  "${tune[@]}" --model "$ORG/unaligned" --neurons "$SAFETY" --top-frac "$FRAC" --random "$r" \
+    --exclude "$RUN/foundation.safetensors" --out "$RUN/rsn-tune-random-$r"
+done
 
 # C. Downstream benign fine-tuning (all parameters) of each checkpoint.
 "$PY" -m neuronguard.models.tuning.benign --out "$RUN/benign.jsonl" --n "$BENIGN_DOCS" --seed "$SEED"
@@ -60,9 +66,11 @@ done
 
 # D. Evaluate everything side by side.
 models=()
-for r in $RANDOM_SEEDS; do models+=(--label "sn-tune-random-$r" --model "$RUN/sn-tune-random-$r"); done
+for r in $RANDOM_SEEDS; do
+  for kind in sn-tune-random rsn-tune-random deact-r; do models+=(--label "$kind-$r" --model "$RUN/$kind-$r"); done
+done
 for pair in "original=$ORG/unaligned" "aligned=$ORG/aligned" "sn-tune=$RUN/sn-tune" "full-tune=$RUN/full-tune" \
-            "rsn-tune=$RUN/rsn-tune" "deact-sn=$RUN/deact-sn" "deact-r=$RUN/deact-r" \
+            "rsn-tune=$RUN/rsn-tune" "deact-sn=$RUN/deact-sn" \
             "original+ft=$RUN/original+ft" "sn-tune+ft=$RUN/sn-tune+ft" "rsn-tune+ft=$RUN/rsn-tune+ft"; do
   models+=(--label "${pair%%=*}" --model "${pair#*=}")
 done
