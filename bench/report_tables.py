@@ -155,14 +155,28 @@ def _verdict(models: dict[str, Any], label: str, prefix: str, higher_is_effect: 
             f"({extreme} {_pct(best)}). To {direction} it, the safety neurons {verdict}.")
 
 
+def _tuning_results() -> dict[str, dict[str, Any]]:
+    return {name: _load(TUNING_RESULTS / name / "eval.json") for name in ORGANISMS
+            if (TUNING_RESULTS / name / "eval.json").is_file()}
+
+
+def _verdicts(models: dict[str, Any]) -> list[str]:
+    return [f"- {_verdict(models, label, RANDOM_KINDS[label], higher)}"
+            for label, higher in (("sn-tune", False), ("rsn-tune", False), ("deact-sn", True)) if label in models]
+
+
+def tuning_verdicts() -> str:
+    """Only whether the safety neurons beat their random-set controls, per organism (the README's summary)."""
+    out = []
+    for name, report in _tuning_results().items():
+        out += [f"{name} organism:", *_verdicts(report["models"]), ""]
+    return "\n".join(out)
+
+
 def tuning() -> str:
     """SN-Tune, RSN-Tune and deactivation against their random-set controls, per organism."""
     out = []
-    for name in ORGANISMS:
-        path = TUNING_RESULTS / name / "eval.json"
-        if not path.is_file():
-            continue
-        report = _load(path)
+    for name, report in _tuning_results().items():
         models = report["models"]
         first = next(iter(models.values()))["metrics"]
         out += [f"**{name} organism** ({first['n_harmful']} harmful and {first['n_harmless']} harmless test prompts, "
@@ -181,11 +195,7 @@ def tuning() -> str:
                 out.append(f"| {RANDOM_NAMES[label]} (mean ± sd, min–max, {cells[0]['n']} seeds) | "
                            + " | ".join(f"{fmt(c['mean'])} ± {fmt(c['sd'])} ({fmt(c['min'])}–{fmt(c['max'])})"
                                         for c, fmt in zip(cells, (_pct, _pct, lambda v: _num(v, 1)))) + " |")
-        out.append("")
-        for label, higher in (("sn-tune", False), ("rsn-tune", False), ("deact-sn", True)):
-            if label in models:
-                out.append(f"- {_verdict(models, label, RANDOM_KINDS[label], higher)}")
-        out.append("")
+        out += ["", *_verdicts(models), ""]
     return "\n".join(out)
 
 
@@ -194,7 +204,8 @@ def _rel(path: Path) -> str:
 
 
 RENDERERS: dict[str, Callable[[], str]] = {"guard-headline": guard_headline, "guard-detail": guard_detail,
-                                           "causal": causal, "organisms": organisms, "tuning": tuning}
+                                           "causal": causal, "organisms": organisms, "tuning": tuning,
+                                           "tuning-verdicts": tuning_verdicts}
 
 
 def render_file(text: str) -> str:
