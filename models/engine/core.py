@@ -209,12 +209,11 @@ class GuardedBatchEngine:
             if self.is_driver:
                 with self._lock:
                     policies = [live.policy if (live := self._lives.get(rid)) is not None else None for rid in new]
-            if self.tensor_parallel_size > 1:
-                sent = [None if p is None else (replace(p.request, prompt_ids=()), p.request.params.seed) for p in policies] \
-                    if policies is not None else None
+            if self.tensor_parallel_size > 1:  # the requests without their prompts (the engine sent those)
+                sent = None if policies is None else [p and replace(p.request, prompt_ids=()) for p in policies]
                 received = self._manager.distributed_helper.tp_broadcast_object_from_rank_0(sent)
                 if not self.is_driver:
-                    policies = [None if r is None else Policy(r[0], self._generator(r[0], r[1])) for r in received]
+                    policies = [r and Policy(r, self._generator(r)) for r in received]
             assert policies is not None
             self._policies.update(zip(new, policies))
         scheduler = self._processor.scheduler
@@ -224,10 +223,12 @@ class GuardedBatchEngine:
             del self._policies[rid]
         return self._policies
 
-    def _generator(self, request: EngineRequest, seed: int | None) -> torch.Generator | None:
-        if request.params.temperature <= 0 or seed is None:
+    def _generator(self, request: EngineRequest) -> torch.Generator | None:
+        """The request's own sampler state: seeded, identical on every rank (None: greedy, or the process's RNG)."""
+        params = request.params
+        if params.temperature <= 0 or params.seed is None:
             return None
-        return torch.Generator(device=self.loaded.device).manual_seed(seed)
+        return torch.Generator(device=self.loaded.device).manual_seed(params.seed)
 
     # ------------------------------------------------------------------ requests
 
@@ -249,7 +250,7 @@ class GuardedBatchEngine:
             # Every rank samples this request's tokens: they need one seed (the process's own RNG differs per rank).
             request = replace(request, params=replace(params, seed=secrets.randbits(63)))
             params = request.params
-        live = Live(rid, Policy(request, self._generator(request, params.seed)), sink)
+        live = Live(rid, Policy(request, self._generator(request)), sink)
         with self._lock:
             if self._closed or not self._manager.is_running():
                 raise RuntimeError("the batching engine is not running")

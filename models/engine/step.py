@@ -127,6 +127,7 @@ def step_hooks(
     handles: list[RemovableHandle] = []
     device = sites.layers[0].down.weight.device
     twin_local = shard.indices(twin.source.selection) if shard is not None and twin is not None else None
+    twin_sites = (twin.source.sites or resolve_sites(twin.source.model)) if twin is not None else None
 
     def begin(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
         state.plan = None
@@ -166,7 +167,8 @@ def step_hooks(
             source = twin.source
             # Hooked for this pass only: between steps the twin is free for other callers.
             if twin_local is not None:
-                with _capture_owned(source, twin_local) as values:
+                assert twin_sites is not None
+                with _capture_owned(twin_sites, twin_local) as values:
                     run_until_stop(source.model, **twin_kwargs)
                 plan.twin_values = values
             else:
@@ -248,10 +250,9 @@ def step_hooks(
 
 
 @contextmanager
-def _capture_owned(source: PatchSource, owned: dict[int, torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
+def _capture_owned(sites: NeuronSites, owned: dict[int, torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
     """The twin's owned neurons at every patched layer ([1, T, k_owned], possibly empty); the pass
     stops at the deepest patched layer on every rank alike, so the twin's collectives match."""
-    sites = source.sites or resolve_sites(source.model)
     device = sites.layers[0].down.weight.device
     deepest = max(owned)
     values: dict[int, torch.Tensor] = {}
