@@ -1,7 +1,9 @@
 """Load test: many concurrent clients against a live server on loopback, checked for cross-talk.
 
-Every prompt is first sent alone; then `--clients` clients send `--requests` each
-(harmful and harmless, streaming and not, greedy) at once. The guard report (decision,
+Every prompt is first sent alone; then `--clients` clients send their requests (harmful and
+harmless, streaming and not, greedy) at once. Each round sends the same requests in total
+(`--requests` per client at the largest client count), so rounds with different client
+counts run the same work and their throughputs compare. The guard report (decision,
 stage, patched, and the score to 1e-4: a batched step sums the readout in another order)
 and the text each request gets under load must equal what it got alone, the only errors
 allowed are 503 `overloaded`, the registered-hooks gauge must read 0 before and after, and
@@ -175,14 +177,14 @@ class LoadReport:
                 "max_queue_depth_seen": self.max_queue_depth}
 
 
-def _metric_text_sum(text: str, name: str) -> float:
+def metric_sum(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
 def metric(base: str, name: str) -> float:
     """Sum of every sample of `name` on /metrics (0 when absent)."""
-    return _metric_text_sum(httpx.get(f"{base}/metrics", timeout=10).text, name)
+    return metric_sum(httpx.get(f"{base}/metrics", timeout=10).text, name)
 
 
 async def run_load(base: str, workload: list[dict[str, Any]], clients: int, requests_each: int,
@@ -226,14 +228,14 @@ async def run_load(base: str, workload: list[dict[str, Any]], clients: int, requ
                 elif not same_outcome(outcome, alone[i]):
                     report.mismatches.append(f"request {i}: alone {alone[i]} vs under load {outcome}")
 
-        tokens_before = _metric_text_sum((await client.get("/metrics")).text, "neuronguard_generation_tokens_total")
+        tokens_before = metric_sum((await client.get("/metrics")).text, "neuronguard_generation_tokens_total")
         watcher = asyncio.ensure_future(watch_queue())
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(clients)))
         report.wall_s = time.perf_counter() - start
         watching = False
         await watcher
-        tokens_after = _metric_text_sum((await client.get("/metrics")).text, "neuronguard_generation_tokens_total")
+        tokens_after = metric_sum((await client.get("/metrics")).text, "neuronguard_generation_tokens_total")
         report.generated_tokens = tokens_after - tokens_before
     return report
 
@@ -251,7 +253,7 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def _served_files(tmp: Path, tiny: bool = False) -> tuple[list[str], list[str], list[str]]:
+def served_files(tmp: Path, tiny: bool = False) -> tuple[list[str], list[str], list[str]]:
     """(serve arguments, harmful prompts, harmless prompts): the organism (unless `tiny`), else tiny fixtures."""
     from testkit.server_fixtures import HARMFUL, HARMLESS, organism_available
 
@@ -267,10 +269,34 @@ def _served_files(tmp: Path, tiny: bool = False) -> tuple[list[str], list[str], 
     return args, harmful, harmless
 
 
+@contextmanager
+def launched(serve_args: list[str], tmp: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A `neuronguard serve` subprocess on 127.0.0.1, once ready: (base URL, process); SIGTERM at exit."""
+    port = port or free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NEURONGUARD_DEVICE": "cpu"}
+    log_path = tmp / f"server-{port}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "neuronguard.cli", "serve", *serve_args, "--port", str(port),
+                                 "--log-level", "warning"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            if not wait_ready(base, 300, lambda: proc.poll() is None):
+                raise SystemExit(f"server did not start: {log_path.read_text()[-2000:]}")
+            yield base, proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="64", help="concurrent clients; a comma-separated list runs each in turn")
-    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--requests", type=int, default=4,
+                        help="requests per client at the largest client count; every round sends the same requests in "
+                             "total (so rounds with fewer clients send more each), which makes their throughputs comparable")
     parser.add_argument("--rounds", type=int, default=3, help="load rounds (memory is sampled after each)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=64)
@@ -282,49 +308,33 @@ def main() -> None:
     args = parser.parse_args()
     client_counts = [int(c) for c in str(args.clients).split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="neuronguard-load-"))
-    serve_args, harmful, harmless = _served_files(tmp, args.tiny)
-    port = args.port or free_port()
+    serve_args, harmful, harmless = served_files(tmp, args.tiny)
     extra = (["--engine", args.engine] if args.engine else []) + (["--guard-mode", args.guard_mode] if args.guard_mode else [])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NEURONGUARD_DEVICE": "cpu"}
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "neuronguard.cli", "serve", *serve_args, *extra, "--port", str(port),
-                             "--max-queue", str(args.max_queue), "--log-level", "warning"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_ready(base, 300, lambda: proc.poll() is None):
-            raise SystemExit(f"server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+    with launched([*serve_args, *extra, "--max-queue", str(args.max_queue)], tmp, args.port) as (base, proc):
         workload = mixed_workload(harmful, harmless, args.max_tokens)
         hooks_before = metric(base, "neuronguard_registered_hooks")
         rss = [rss_mb(proc.pid)]
         reports = []
+        total = args.requests * max(client_counts)
         for clients in client_counts:
             for _ in range(args.rounds):
-                reports.append(asyncio.run(run_load(base, workload, clients, args.requests)))
+                reports.append(asyncio.run(run_load(base, workload, clients, -(-total // clients))))
                 rss.append(rss_mb(proc.pid))
         hooks_after = metric(base, "neuronguard_registered_hooks")
-        growth = rss[-1] - rss[1]  # after the first round: allocator and caches are warm
-        result = {"engine": args.engine or "server default", "guard_mode": args.guard_mode or "server default",
-                  "clients": client_counts, "requests_per_client": args.requests, "max_queue": args.max_queue,
-                  "rounds": [dict(clients=c, **r.summary()) for c, r in
-                             zip([c for c in client_counts for _ in range(args.rounds)], reports)],
-                  "registered_hooks_before_after": [hooks_before, hooks_after],
-                  "rss_mb": [round(r, 1) for r in rss], "rss_growth_after_warmup_mb": round(growth, 1),
-                  "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-        print(json.dumps(result, indent=2))
-        for r in reports:
-            for line in (r.mismatches + r.errors)[:5]:
-                print("FAIL:", line, file=sys.stderr)
-        failed = (any(not r.ok for r in reports) or hooks_after != 0 or hooks_before != 0
-                  or growth > args.rss_tolerance_mb)
-        raise SystemExit(1 if failed else 0)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    growth = rss[-1] - rss[1]  # after the first round: allocator and caches are warm
+    result = {"engine": args.engine or "server default", "guard_mode": args.guard_mode or "server default",
+              "clients": client_counts, "requests_per_round": total, "max_queue": args.max_queue,
+              "rounds": [dict(clients=c, **r.summary()) for c, r in
+                         zip([c for c in client_counts for _ in range(args.rounds)], reports)],
+              "registered_hooks_before_after": [hooks_before, hooks_after],
+              "rss_mb": [round(r, 1) for r in rss], "rss_growth_after_warmup_mb": round(growth, 1),
+              "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    print(json.dumps(result, indent=2))
+    for r in reports:
+        for line in (r.mismatches + r.errors)[:5]:
+            print("FAIL:", line, file=sys.stderr)
+    failed = any(not r.ok for r in reports) or hooks_after != 0 or hooks_before != 0 or growth > args.rss_tolerance_mb
+    raise SystemExit(1 if failed else 0)
 
 
 if __name__ == "__main__":

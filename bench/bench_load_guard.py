@@ -1,0 +1,69 @@
+"""Guarded against unguarded serving under concurrent load, paired within one run.
+
+    python -m bench.bench_load_guard --clients 32 --requests 8 --rounds 6 --max-tokens 64
+
+Two `neuronguard serve` processes on the built-in organism (its default engine unless
+`--engine`): one with `--guard-mode flag` (both probes score every step and nothing is
+stopped, so it generates the same tokens as the other), one with `--guard-mode off`. Rounds
+run in ABBA order, one server at a time (the idle one uses no CPU), each round the same
+`bench.load_test` workload with every answer checked against the same prompt sent alone.
+Prints each mode's tokens/s and p50 time to first token per round, and the median over
+round pairs of (guarded time / unguarded time) for the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench.load_test import served_files, launched, mixed_workload, run_load
+
+MODES = ("flag", "off")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=8, help="requests per client in each round")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per mode (pairs of rounds, in ABBA order)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--engine", choices=("batched", "serial"), default=None)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="neuronguard-load-guard-"))
+    serve_args, harmful, harmless = served_files(tmp)
+    engine = ["--engine", args.engine] if args.engine else []
+    workload = mixed_workload(harmful, harmless, args.max_tokens)
+    rounds: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    failures: list[str] = []
+    with ExitStack() as stack:
+        bases = {mode: stack.enter_context(launched([*serve_args, *engine, "--guard-mode", mode], tmp))[0]
+                 for mode in MODES}
+        for mode in MODES:  # warm-up round each, not counted
+            asyncio.run(run_load(bases[mode], workload, args.clients, 1))
+        for i in range(args.rounds):
+            for mode in (MODES if i % 2 == 0 else MODES[::-1]):
+                report = asyncio.run(run_load(bases[mode], workload, args.clients, args.requests))
+                failures += report.mismatches + report.errors
+                rounds[mode].append(report.summary())
+    ratios = [off["tokens_per_s"] / flag["tokens_per_s"] for flag, off in zip(rounds["flag"], rounds["off"])]
+    print(json.dumps({
+        "clients": args.clients, "requests_per_round": args.clients * args.requests, "max_tokens": args.max_tokens,
+        "engine": args.engine or "server default",
+        "tokens_per_s": {m: [r["tokens_per_s"] for r in rounds[m]] for m in MODES},
+        "p50_ttft_s": {m: [r["p50_ttft_s"] for r in rounds[m]] for m in MODES},
+        "guarded_over_unguarded_time": {"median": round(statistics.median(ratios), 3),
+                                        "per_round_pair": [round(r, 3) for r in ratios]},
+        "mismatches_and_errors": len(failures),
+    }, indent=2))
+    for line in failures[:5]:
+        print("FAIL:", line)
+    raise SystemExit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
