@@ -62,7 +62,7 @@ def _hook_guard(state: AppState) -> Callable[[], None]:
         runtime = state.runtime
         if runtime is None:
             return
-        if _registered_hooks(runtime, state.engine_hooks):
+        if _registered_hooks(runtime, state.engine_hooks) > 0:  # below 0 only while a failed engine is replaced
             state.failure = "hooks leaked on the shared model; restart the server"
             state.metrics.ready.set(0)
             log.critical(state.failure)
@@ -101,15 +101,18 @@ async def _load(state: AppState, loader: Loader, on_load_error: Callable[[BaseEx
             _failed(state, exc, "starting the batching engine", on_load_error)
             return
         state.engine_hooks = _registered_hooks(runtime)  # the engine's step hooks, installed for its lifetime
-        state.batch = BatchScheduler(engine, state.metrics, settings.max_queue)
+        # Under tensor parallelism a failed step stops every rank's engine: only a new process group starts again.
+        restart = (lambda: start_engine(runtime, settings)) if engine.tensor_parallel_size == 1 else None
+        batch = state.batch = BatchScheduler(engine, state.metrics, settings.max_queue, restart=restart)
 
         def paused() -> AbstractContextManager[Any]:
-            return engine.exclusive() if engine.running else nullcontext()  # a stopped engine has nothing to pause
+            current = batch.engine
+            return current.exclusive() if current.running else nullcontext()  # a stopped engine has nothing to pause
 
         exclusive = paused
         metrics = state.metrics
-        metrics.batch_size.set_function(lambda: engine.stats().last_batch_requests)
-        metrics.kv_cache_usage.set_function(lambda: engine.stats().kv_cache_usage)
+        metrics.batch_size.set_function(lambda: batch.engine.stats().last_batch_requests)
+        metrics.kv_cache_usage.set_function(lambda: batch.engine.stats().kv_cache_usage)
     state.scheduler = Scheduler(state.metrics, settings.max_queue, after_job=_hook_guard(state), exclusive=exclusive)
     state.runtime = runtime
     state.services = Services.build(ServiceContext(runtime, state.scheduler, settings, state.metrics, state.batch))

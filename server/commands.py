@@ -39,7 +39,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--patch-k", "patch_k", {"type": int, "help": "neurons patched live (default: the bundle's)"}),
     ("--engine", "engine", {"choices": ("batched", "serial"),
                             "help": "'batched': continuous batching, many requests per step; 'serial': one request "
-                                    "at a time (default serial)"}),
+                                    "at a time, the fallback (default batched)"}),
     ("--tensor-parallel-size", "tensor_parallel_size",
      {"type": int, "metavar": "N", "help": "shard the model over N ranks, one process each (torchrun on this machine); "
                                            "needs --engine batched (default 1)"}),

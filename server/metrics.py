@@ -51,6 +51,9 @@ class Metrics:
         self.kv_cache_usage = Gauge(
             "neuronguard_kv_cache_usage", "Fraction of the batching engine's paged KV cache in use.", registry=r
         )
+        self.engine_restarts = Counter(
+            "neuronguard_engine_restarts", "Batching engines started in place of one that a failed step stopped.", registry=r
+        )
         self.ready = Gauge("neuronguard_ready", "1 once model, bundle and patch source are loaded.", registry=r)
         self.model_info = Gauge("neuronguard_model_info", "The served model and guard bundle.", ["model", "bundle"], registry=r)
 

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     guard_mode: GuardMode = "block"
     patch_k: int | None = Field(None, ge=1)  # None: the bundle's default
     # 'batched': continuous batching on one GuardedBatchEngine; 'serial': one request at a time.
-    engine: EngineKind = "serial"
+    engine: EngineKind = "batched"
     # Ranks the model is sharded over (transformers' tensor parallelism, one process per rank); needs the batched engine.
     tensor_parallel_size: int = Field(1, ge=1)
     # The batching engine's paged KV cache (blocks of 32 tokens, shared by every request) and step size.

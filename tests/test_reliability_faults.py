@@ -83,7 +83,8 @@ def test_disconnect_mid_stream_frees_the_slot_fast(runtime, settings) -> None:
 
 
 def test_disconnects_during_prefill_and_queue_wait_cost_at_most_one_step(runtime, settings) -> None:
-    with serve_in_thread(app_for(runtime, settings)) as base, gated_forward(runtime) as (entered, release):
+    # The serial worker's queue; the batching engine's cancel is in tests/test_serve_batching.py.
+    with serve_in_thread(app_for(runtime, settings, engine="serial")) as base, gated_forward(runtime) as (entered, release):
         tokens_before = metric(base, "neuronguard_generation_tokens_total")
         prompts_before = metric(base, "neuronguard_prompt_tokens_total")
         in_prefill = _raw_post(base, chat(HARMLESS, max_tokens=100))
@@ -130,7 +131,8 @@ async def test_an_exception_inside_a_hook_fails_closed_and_the_next_request_work
         return wrapper
 
     guard = {"mode": "block+patch"} if where == "patch source forward" else None
-    async with api_client(app_for(runtime, settings)) as client:
+    # The serial decoder's hooks; a failing batched step is in tests/test_serve_batching.py.
+    async with api_client(app_for(runtime, settings, engine="serial")) as client:
         if where == "readout hook":
             target, name = readout.ReadoutValues, "_add"
         else:
@@ -205,7 +207,8 @@ def test_sigterm_drains_running_and_queued_requests_then_exits_0(settings, tmp_p
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "neuronguard.cli", "serve", "--model", settings.model,
                              "--bundle", settings.bundle, "--patch-source", str(settings.patch_source),
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             "--port", str(port), "--engine", "serial"],  # its queue; the engine's drain: test_serve_batching
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     results: list[str] = []
 
     def request(body: dict) -> None:

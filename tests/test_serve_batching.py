@@ -25,7 +25,7 @@ import httpx
 import pytest
 import torch
 
-from bench.load_test import free_port, metric, serve_in_thread, wait_ready
+from bench.load_test import free_port, metric, metric_sum, serve_in_thread, wait_ready
 from neuronguard.errors import UsageError
 from neuronguard.models.hooks import count_hooks
 from neuronguard.server.app import create_app
@@ -189,6 +189,37 @@ async def test_a_failing_probe_fails_closed_and_the_engine_serves_on(runtime, se
     assert after.status_code == 200 and after.json()["guard"]["decision"] == "allow" and active == 0
 
 
+async def test_a_step_that_raises_fails_its_requests_closed_and_a_new_engine_serves_on(runtime, settings) -> None:
+    calls: list[int] = []
+    twin = runtime.patch_source.model.base_model  # the decoder stack the patch source runs in each patched step
+    original = twin.forward
+
+    def explodes_on_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # mid-request: after the prefill, while decoding
+            raise RuntimeError("step exploded")
+        return original(*args, **kwargs)
+
+    guard = {"mode": "block+patch"}
+    app = app_for(runtime, settings, engine="batched")
+    async with api_client(app) as client:
+        first = app.state.neuronguard.batch.engine
+        twin.forward = explodes_on_third_step
+        try:
+            failed = await client.post("/v1/chat/completions", json=chat(HARMLESS, max_tokens=8, guard=guard))
+        finally:
+            del twin.forward
+        after = await client.post("/v1/chat/completions", json=chat(HARMLESS, max_tokens=8, guard=guard))
+        ready = await client.get("/ready")
+        restarts = metric_sum((await client.get("/metrics")).text, "neuronguard_engine_restarts_total")
+        second = app.state.neuronguard.batch.engine
+        hooks = count_hooks(runtime.loaded.model)
+    assert failed.status_code == 503 and failed.json()["error"]["code"] == "guard_error" and "exploded" not in failed.text
+    assert after.status_code == 200 and after.json()["guard"]["decision"] == "allow" and ready.status_code == 200
+    assert second is not first and not first.running and restarts == 1
+    assert hooks > 0 and count_hooks(runtime.loaded.model) == count_hooks(runtime.patch_source.model) == 0
+
+
 def test_serve_flag_and_variable_choose_the_engine(monkeypatch) -> None:
     from neuronguard.cli import build_parser
 
@@ -196,8 +227,10 @@ def test_serve_flag_and_variable_choose_the_engine(monkeypatch) -> None:
     assert args.engine == "batched"
     monkeypatch.setenv("NEURONGUARD_ENGINE", "Batched")
     assert Settings().engine == "batched"
-    monkeypatch.delenv("NEURONGUARD_ENGINE")
+    monkeypatch.setenv("NEURONGUARD_ENGINE", "serial")
     assert Settings().engine == "serial"
+    monkeypatch.delenv("NEURONGUARD_ENGINE")
+    assert Settings().engine == "batched"  # the default; --engine serial is the fallback
 
 
 def test_sigterm_drains_the_requests_in_flight_on_the_engine_then_exits_0(settings, tmp_path) -> None:

@@ -103,6 +103,6 @@ def test_serve_with_two_ranks_answers_guards_refuses_the_serial_paths_and_drains
 
 
 def test_tensor_parallel_needs_the_batched_engine_and_says_so_before_binding(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["serve", "--tensor-parallel-size", "2", "--port", "0"]) == 2
+    assert cli_main(["serve", "--engine", "serial", "--tensor-parallel-size", "2", "--port", "0"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "(fix: add --engine batched)" in lines[0], lines
