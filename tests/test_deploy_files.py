@@ -24,22 +24,14 @@ PROM_DIR = ROOT / "deploy" / "prometheus"
 PACKAGE_DIRS = ("models", "detector", "server", "neuronguard")
 
 # The metric names the server exports (histograms also expose _bucket/_sum/_count).
-METRICS = {
-    "neuronguard_requests_total",
-    "neuronguard_request_duration_seconds",
-    "neuronguard_time_to_first_token_seconds",
-    "neuronguard_inter_token_latency_seconds",
-    "neuronguard_prompt_tokens_total",
-    "neuronguard_generation_tokens_total",
-    "neuronguard_guard_decisions_total",
-    "neuronguard_probe_score",
-    "neuronguard_probe_latency_seconds",
-    "neuronguard_patched_tokens_total",
-    "neuronguard_queue_depth",
-    "neuronguard_running_requests",
-    "neuronguard_ready",
-    "neuronguard_model_info",
-}
+def _exported_metrics() -> set[str]:
+    """The series names the server's registry exports (counters with their `_total`)."""
+    from neuronguard.server.metrics import Metrics
+
+    return {f.name + "_total" if f.type == "counter" else f.name for f in Metrics().registry.collect()}
+
+
+METRICS = _exported_metrics()
 
 
 # --------------------------------------------------------------------------- helpers

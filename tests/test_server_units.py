@@ -141,6 +141,8 @@ def test_text_stream_equals_one_full_decode(seed: int) -> None:
 class _FakeEngine:
     """The part of GuardedBatchEngine the bridge uses: submit with a sink, cancel (which reports the cancel)."""
 
+    running = True
+
     def __init__(self) -> None:
         self.sinks: dict[str, Any] = {}
         self.cancelled: list[str] = []
