@@ -103,7 +103,13 @@ async def _load(state: AppState, loader: Loader, on_load_error: Callable[[BaseEx
         state.engine_hooks = _registered_hooks(runtime)  # the engine's step hooks, installed for its lifetime
         # Under tensor parallelism a failed step stops every rank's engine: only a new process group starts again.
         restart = (lambda: start_engine(runtime, settings)) if engine.tensor_parallel_size == 1 else None
-        batch = state.batch = BatchScheduler(engine, state.metrics, settings.max_queue, restart=restart)
+
+        def stopped() -> None:
+            state.failure = "the batching engine stopped after a failed step; restart the server"
+            state.metrics.ready.set(0)
+            log.critical(state.failure)
+
+        batch = state.batch = BatchScheduler(engine, state.metrics, settings.max_queue, restart=restart, on_stopped=stopped)
 
         def paused() -> AbstractContextManager[Any]:
             current = batch.engine

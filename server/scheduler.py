@@ -44,6 +44,10 @@ class Overloaded(Exception):
     """The job queue is full."""
 
 
+class EngineStopped(Exception):
+    """The batching engine stopped after a failed step and cannot be replaced in this process."""
+
+
 class Cancelled(Exception):
     """Raised inside a job when its request went away."""
 
@@ -230,15 +234,19 @@ class BatchScheduler:
 
     A step that raises stops the engine's loop, and its requests end with an error (their HTTP
     answers fail closed). With `restart`, the next request finds a new engine in its place, so
-    one failed step costs the requests of that step, never the server.
+    one failed step costs the requests of that step, never the server. Without (tensor
+    parallelism: every rank's engine stopped), `on_stopped` is told once and requests get
+    `EngineStopped` until the process is replaced.
     """
 
     def __init__(self, engine: GuardedBatchEngine, metrics: Metrics, max_requests: int,
-                 restart: Callable[[], GuardedBatchEngine] | None = None) -> None:
+                 restart: Callable[[], GuardedBatchEngine] | None = None,
+                 on_stopped: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self._metrics = metrics
         self._max_requests = max_requests
         self._restart = restart
+        self._on_stopped = on_stopped
         self._closing = False
         self._in_flight = 0
         self.patched_in_flight = 0  # requests that run the patch source's hooks during steps
@@ -248,8 +256,13 @@ class BatchScheduler:
     def _running_engine(self) -> GuardedBatchEngine:
         """The engine, replaced first when a failed step has stopped it (and a restart is allowed)."""
         engine = self.engine
-        if engine.running or self._restart is None or self._closing:
+        if engine.running or self._closing:
             return engine
+        if self._restart is None:
+            if self._on_stopped is not None:
+                self._on_stopped()
+                self._on_stopped = None
+            raise EngineStopped
         log.error("the batching engine stopped after a failed step: starting a new one")
         engine.shutdown(drain=False)  # removes its hooks and frees its cache
         self.engine = self._restart()
@@ -260,7 +273,8 @@ class BatchScheduler:
         """Queue a request (call from the event loop); `consumer(ctx)` builds what its steps go to.
 
         Raises `Overloaded` when `max_requests` are in flight, `ValueError` for a request the
-        engine cannot take, `RuntimeError` when the engine is not running.
+        engine cannot take, `EngineStopped` when a failed engine cannot be replaced, and
+        `RuntimeError` when the engine is shutting down.
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()

@@ -15,7 +15,7 @@ from neuronguard.server.auth import authorized, needs_auth
 from neuronguard.server.guard import GuardPolicy, PolicyError, is_stricter_or_equal, resolve_policy
 from neuronguard.server.metrics import Metrics
 from neuronguard.models.engine import EngineRequest, FinishedEvent, TokenEvent
-from neuronguard.server.scheduler import BatchScheduler, Overloaded, Scheduler
+from neuronguard.server.scheduler import BatchScheduler, EngineStopped, Overloaded, Scheduler
 from neuronguard.server.settings import Settings
 from neuronguard.server.text import TextStream
 from testkit.tiny_models import make_tokenizer
@@ -193,5 +193,27 @@ def test_batch_bridge_bounds_in_flight_cancels_on_block_failure_and_disconnect()
         assert await gone.result() is None
         assert engine.cancelled == ["job-1", "job-0", "job-2"]  # failure at step 0, block at step 1, then the client
         assert metrics.running._value.get() == 0 and bridge.patched_in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_batch_bridge_replaces_a_stopped_engine_or_says_it_cannot() -> None:
+    async def scenario() -> None:
+        metrics, dead, fresh = Metrics(), _FakeEngine(), _FakeEngine()
+        dead.running = False
+        dead.shutdown = lambda **_kwargs: dead.cancelled.append("shutdown")  # type: ignore[attr-defined]
+        bridge = BatchScheduler(dead, metrics, max_requests=4, restart=lambda: fresh)  # type: ignore[arg-type]
+        handle = bridge.submit(EngineRequest((5, 6)), lambda _ctx: _StopAt(0))
+        assert bridge.engine is fresh and "job-0" in fresh.sinks and dead.cancelled == ["shutdown"]
+        assert metrics.engine_restarts._value.get() == 1
+        fresh.sinks["job-0"](TokenEvent("job-0", 0, 7, None, False))
+        assert await handle.result() == [7]  # the request ran on the new engine
+
+        told: list[int] = []
+        stuck = BatchScheduler(dead, metrics, max_requests=4, on_stopped=lambda: told.append(1))  # type: ignore[arg-type]
+        for _ in range(2):
+            with pytest.raises(EngineStopped):
+                stuck.submit(EngineRequest((5, 6)), lambda _ctx: _StopAt(0))
+        assert told == [1] and metrics.running._value.get() == 0  # told once; nothing left counted in flight
 
     asyncio.run(scenario())

@@ -22,7 +22,7 @@ from neuronguard.server.guard import GuardPolicy, PolicyError, resolve_policy
 from neuronguard.server.metrics import Metrics
 from neuronguard.server.protocol import ChatMessage, GuardOptions
 from neuronguard.server.runtime import Runtime
-from neuronguard.server.scheduler import BatchScheduler, JobHandle, Overloaded, Scheduler
+from neuronguard.server.scheduler import BatchScheduler, EngineStopped, JobHandle, Overloaded, Scheduler
 from neuronguard.server.settings import Settings
 
 log = logging.getLogger("neuronguard.server")
@@ -135,6 +135,9 @@ def submit(starts: Sequence[Callable[[], JobHandle]]) -> list[JobHandle]:
             handle.cancel()
         if isinstance(exc, Overloaded):
             raise overloaded() from None
+        if isinstance(exc, EngineStopped):
+            raise APIError(503, "the batching engine stopped after a failed step; this server must be restarted",
+                           code="engine_unavailable") from None
         raise
     return handles
 
