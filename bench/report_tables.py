@@ -8,7 +8,8 @@ A generated block sits between `<!-- generated:NAME -->` and `<!-- /generated:NA
 `models/organism/organism.json` and `bundle/report/report.json` (planted pair, the positive
 control) and the same under `models/organism/learned/` (learned pair); the tuning experiments'
 `neuronguard eval` results under `models/tuning/results/<organism>/eval.json`
-(`scripts/robustness_experiment.sh`).
+(`scripts/robustness_experiment.sh`); the text baselines of `bench/text_encoder_baseline.py`
+(`bench/results/text_encoder_baseline.json`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from neuronguard.detector.sweeps import spread
 ROOT = Path(__file__).resolve().parents[1]
 ORGANISMS = {"learned": ROOT / "models/organism/learned", "planted": ROOT / "models/organism"}
 TUNING_RESULTS = ROOT / "models/tuning/results"
+TEXT_BASELINES = ROOT / "bench/results/text_encoder_baseline.json"
 RANDOM_KINDS = {"sn-tune": "sn-tune-random-", "rsn-tune": "rsn-tune-random-", "deact-sn": "deact-r-"}
 RANDOM_NAMES = {"sn-tune": "SN-Tune recipe on random sets", "rsn-tune": "RSN-Tune recipe on random sets",
                 "deact-sn": "deact-r: random sets zeroed"}
@@ -199,13 +201,26 @@ def tuning() -> str:
     return "\n".join(out)
 
 
+def text_baselines() -> str:
+    """TF-IDF and a pretrained sentence encoder, fitted on dev: AUROC on test and per held-out benign source."""
+    result = _load(TEXT_BASELINES)
+    sources = sorted(result["tfidf"]["heldout"]["harmful_vs_benign_source"])
+    rows = ["| classifier (fitted on dev) | C | test | held-out: all | " + " | ".join(f"held-out harmful vs {s}" for s in sources)
+            + " |", "|---|---|---|---|" + "---|" * len(sources)]
+    for key, label in (("tfidf", "TF-IDF words"), ("encoder_probe", f"sentence encoder: {result['encoder']['name']}")):
+        r = result[key]
+        rows.append(f"| {label} | {r['C']:g} | {_num(r['test']['all'])} | {_num(r['heldout']['all'])} | "
+                    + " | ".join(_num(r["heldout"]["harmful_vs_benign_source"][s]) for s in sources) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
 
 RENDERERS: dict[str, Callable[[], str]] = {"guard-headline": guard_headline, "guard-detail": guard_detail,
                                            "causal": causal, "organisms": organisms, "tuning": tuning,
-                                           "tuning-verdicts": tuning_verdicts}
+                                           "tuning-verdicts": tuning_verdicts, "text-baselines": text_baselines}
 
 
 def render_file(text: str) -> str:
