@@ -13,7 +13,7 @@ chosen together on out-of-fold dev scores, from generations sampled as the serve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +30,7 @@ from neuronguard.detector.probe_training import (
     roc_points,
     train_probe,
 )
-from neuronguard.models.artifact.neurons import NeuronSet
+from neuronguard.models.artifact.neurons import NeuronSelection, NeuronSet
 from neuronguard.models.artifact.probe import Probe
 from neuronguard.models.chat import Request
 from neuronguard.models.generation import SamplingParams
@@ -142,40 +142,65 @@ def request_scores(prefill: Probe, stream: Probe, decoded: Decoded) -> tuple[np.
             [stream.score(t[:, : stream.k]).numpy() if len(t) else np.empty(0) for t in decoded.tokens])
 
 
+def shared_features(model: LoadedModel, selections: Sequence[NeuronSelection], prompts: dict[str, Sequence[Request]], *,
+                    max_columns: int = 65536) -> Iterator[dict[str, torch.Tensor]]:
+    """Each selection's last-token features on every named prompt set, in the selections' order.
+
+    Selections are read together, concatenated, in one pass over each prompt set (at most
+    `max_columns` neurons a pass): forward passes are what costs, and each selection only
+    needs its own columns of the same activations.
+    """
+    start = 0
+    while start < len(selections):
+        chunk, width = [], 0
+        while start + len(chunk) < len(selections) and (not chunk or width + len(selections[start + len(chunk)]) <= max_columns):
+            width += len(selections[start + len(chunk)])
+            chunk.append(selections[start + len(chunk)])
+        union = NeuronSelection(torch.cat([c.layers for c in chunk]), torch.cat([c.indices for c in chunk]))
+        features = {name: last_token_features(model, part, union) for name, part in prompts.items()}
+        offset = 0
+        for selection in chunk:
+            cols = slice(offset, offset + len(selection))
+            offset += len(selection)
+            yield {name: x[:, cols] for name, x in features.items()}
+        start += len(chunk)
+
+
 def probe_sweep(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Labeled, ks: Sequence[int], seeds: Sequence[int], *,
                 fpr: float) -> list[dict[str, object]]:
     """Test metrics of top-k and random-k (same per-layer counts) prefill probes for each k (per-probe thresholds)."""
-    rows = []
     keep = ("accuracy", "auroc", "tpr", "fpr")
-    for k in tqdm(ks, desc="probe sweep", unit="k"):
-        top = neurons.top(k)
-        results = []
-        for chosen in [top, *(top.random_like(model.sites.d_mlp, s) for s in seeds)]:
-            selection = chosen.selection()
-            probe = train_probe(last_token_features(model, dev.prompts, selection), torch.tensor(dev.labels),
-                                neurons_sha256="sweep", position="last_prompt_token", target_fpr=fpr)
-            scores = probe.score(last_token_features(model, test.prompts, selection)).numpy()
-            results.append(evaluate_scores(scores, np.array(test.labels), probe.threshold))
-        randoms = results[1:]
-        rows.append({"k": k, "top": {key: results[0][key] for key in keep},
+    sets = [(k, chosen.selection()) for k in ks for chosen in
+            [neurons.top(k), *(neurons.top(k).random_like(model.sites.d_mlp, s) for s in seeds)]]
+    results: dict[int, list[dict[str, float]]] = {k: [] for k in ks}
+    features = shared_features(model, [selection for _, selection in sets], {"dev": dev.prompts, "test": test.prompts})
+    for (k, _), x in tqdm(zip(sets, features), total=len(sets), desc="probe sweep", unit="probe"):
+        probe = train_probe(x["dev"], torch.tensor(dev.labels), neurons_sha256="sweep", position="last_prompt_token",
+                            target_fpr=fpr)
+        results[k].append(evaluate_scores(probe.score(x["test"]).numpy(), np.array(test.labels), probe.threshold))
+    rows = []
+    for k in ks:
+        top, randoms = results[k][0], results[k][1:]
+        rows.append({"k": k, "top": {key: top[key] for key in keep},
                      "random": [{key: r[key] for key in keep} for r in randoms],
                      "random_mean": {key: float(np.mean([r[key] for r in randoms])) for key in keep}})
     return rows
 
 
 def random_probe_aurocs(model: LoadedModel, neurons: NeuronSet, dev: Labeled, evals: dict[str, Labeled],
-                        seeds: Sequence[int], *, seed: int) -> dict[str, list[float]]:
-    """Held-out AUROC of prefill probes on random neurons with the probe's per-layer counts, one per seed."""
+                        seeds: Sequence[int], *, seed: int, max_columns: int = 65536) -> dict[str, list[float]]:
+    """Held-out AUROC of prefill probes on random neurons with the probe's per-layer counts, one per seed
+    (the seeds' sets read in shared passes: `shared_features`)."""
     from sklearn.metrics import roc_auc_score
 
     out: dict[str, list[float]] = {name: [] for name in evals}
-    for s in tqdm(seeds, desc="random probes", unit="seed"):
-        random_set = neurons.random_like(model.sites.d_mlp, s)
-        x = last_token_features(model, dev.prompts, random_set.selection())
-        probe = train_probe(x, torch.tensor(dev.labels), neurons_sha256="random", position="last_prompt_token", seed=seed)
+    selections = [neurons.random_like(model.sites.d_mlp, s).selection() for s in seeds]
+    prompts = {"dev": dev.prompts, **{f"eval:{name}": data.prompts for name, data in evals.items()}}
+    features = shared_features(model, selections, prompts, max_columns=max_columns)
+    for x in tqdm(features, total=len(seeds), desc="random probes", unit="seed"):
+        probe = train_probe(x["dev"], torch.tensor(dev.labels), neurons_sha256="random", position="last_prompt_token", seed=seed)
         for name, data in evals.items():
-            scores = probe.score(last_token_features(model, data.prompts, random_set.selection())).numpy()
-            out[name].append(float(roc_auc_score(data.labels, scores)))
+            out[name].append(float(roc_auc_score(data.labels, probe.score(x[f"eval:{name}"]).numpy())))
     return out
 
 

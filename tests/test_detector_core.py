@@ -274,3 +274,42 @@ def test_probe_size_is_the_smallest_k_close_to_the_best_dev_auroc(monkeypatch: p
     assert [row["k"] for row in table] == [1, 3, 12]
     best = max(row["dev_oof_auroc"] for row in table)
     assert k == 3 and table[1]["dev_oof_auroc"] >= best - 0.002 and table[0]["dev_oof_auroc"] < best - 0.002
+
+
+def test_random_probe_controls_read_every_seed_in_shared_passes_with_the_same_result(tiny_llama_path: Path) -> None:
+    """The seeds' random sets are captured together; each seed's AUROC equals a probe fitted on its own pass."""
+    from neuronguard.detector import guard_probes
+    from neuronguard.detector.features import last_token_features
+    from neuronguard.models.artifact.neurons import NeuronSet
+    from neuronguard.models.loading import load_model
+    from sklearn.metrics import roc_auc_score
+
+    model = load_model(tiny_llama_path)
+    d_mlp = model.sites.d_mlp
+    scores = torch.rand(model.sites.num_layers, d_mlp, generator=torch.Generator().manual_seed(1))
+    neurons = NeuronSet.from_scores(scores, {"model_type": "llama"}).top(9)
+    words = ["bomb", "cake", "poison", "garden", "hack", "poem", "steal", "song"]
+    prompts = [f"how to {words[i % 8]} {i}" for i in range(32)]
+    labels = [int(i % 2 == 0) for i in range(32)]  # the even words are the harmful ones
+    dev, held = guard_probes.Labeled(prompts[:20], labels[:20]), guard_probes.Labeled(prompts[20:], labels[20:])
+    seeds = [1, 2, 3, 4, 5]
+    expected = []
+    for s in seeds:  # one pass per seed, as a reader would write it
+        selection = neurons.random_like(d_mlp, s).selection()
+        probe = train_probe(last_token_features(model, dev.prompts, selection), torch.tensor(dev.labels),
+                            neurons_sha256="random", position="last_prompt_token", seed=0)
+        expected.append(float(roc_auc_score(held.labels, probe.score(last_token_features(model, held.prompts, selection)).numpy())))
+    for max_columns in (10_000, 20):  # every seed in one pass; two seeds a pass
+        got = guard_probes.random_probe_aurocs(model, neurons, dev, {"heldout": held}, seeds, seed=0, max_columns=max_columns)
+        assert got["heldout"] == pytest.approx(expected, abs=1e-9)
+    assert len(set(expected)) > 1  # the seeds are different sets
+    # The probe-size sweep shares its passes the same way: each row equals its own probe fitted alone.
+    rows = guard_probes.probe_sweep(model, neurons, dev, held, [3, 9], [1, 2], fpr=0.1)
+    for row in rows:
+        for chosen, got in [(neurons.top(row["k"]), row["top"]), (neurons.top(row["k"]).random_like(d_mlp, 2), row["random"][1])]:
+            selection = chosen.selection()
+            probe = train_probe(last_token_features(model, dev.prompts, selection), torch.tensor(dev.labels),
+                                neurons_sha256="sweep", position="last_prompt_token", target_fpr=0.1)
+            alone = evaluate_scores(probe.score(last_token_features(model, held.prompts, selection)).numpy(),
+                                    np.array(held.labels), probe.threshold)
+            assert got == pytest.approx({key: alone[key] for key in got}, abs=1e-9)
