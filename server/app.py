@@ -70,6 +70,16 @@ def _hook_guard(state: AppState) -> Callable[[], None]:
     return check
 
 
+def _refuse_when_broken(state: AppState) -> Callable[[], None]:
+    """Before every serial job: a job admitted just before a failure was found must not run into it."""
+
+    def check() -> None:
+        if state.broken:
+            raise RuntimeError(state.failure)
+
+    return check
+
+
 def start_engine(runtime: Runtime, settings: Settings) -> GuardedBatchEngine:
     """The batching engine on the served model, with the guard's readout and the patch source."""
     config = EngineConfig(num_blocks=settings.engine_kv_blocks, max_batch_tokens=settings.engine_max_batch_tokens,
@@ -119,7 +129,8 @@ async def _load(state: AppState, loader: Loader, on_load_error: Callable[[BaseEx
         metrics = state.metrics
         metrics.batch_size.set_function(lambda: batch.engine.stats().last_batch_requests)
         metrics.kv_cache_usage.set_function(lambda: batch.engine.stats().kv_cache_usage)
-    state.scheduler = Scheduler(state.metrics, settings.max_queue, after_job=_hook_guard(state), exclusive=exclusive)
+    state.scheduler = Scheduler(state.metrics, settings.max_queue, after_job=_hook_guard(state), exclusive=exclusive,
+                                before_job=_refuse_when_broken(state))
     state.runtime = runtime
     state.services = Services.build(ServiceContext(runtime, state.scheduler, settings, state.metrics, state.batch))
     bundle = runtime.bundle.name if runtime.bundle is not None else "none"

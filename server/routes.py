@@ -70,8 +70,11 @@ async def model(model_id: str, request: Request) -> ModelCard:
     return _services(request).models.card(model_id)
 
 
-async def health() -> dict[str, str]:
-    """Liveness: the process answers (the model may still be loading)."""
+async def health(request: Request) -> dict[str, str]:
+    """Liveness: the process answers (the model may still be loading), and has not failed since it served."""
+    state = _state(request)
+    if state.broken:
+        raise APIError(503, f"broken: {state.failure}", code="broken")
     return {"status": "ok"}
 
 
@@ -96,6 +99,6 @@ def install_routes(app: FastAPI) -> None:
     app.add_api_route("/v1/guard/check", guard_check, methods=["POST"], responses=_ERRORS)
     app.add_api_route("/v1/models", models, methods=["GET"], responses={s: _ERRORS[s] for s in (401, 503)})
     app.add_api_route("/v1/models/{model_id:path}", model, methods=["GET"], responses={s: _ERRORS[s] for s in (401, 404, 503)})
-    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"], responses=_READY_ERRORS)
     app.add_api_route("/ready", ready, methods=["GET"], responses=_READY_ERRORS)
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)

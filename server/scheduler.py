@@ -164,8 +164,10 @@ class Scheduler:
     """A bounded FIFO of jobs served by a single worker thread."""
 
     def __init__(self, metrics: Metrics, max_queue: int, after_job: Callable[[], None] | None = None,
-                 exclusive: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+                 exclusive: Callable[[], AbstractContextManager[Any]] = nullcontext,
+                 before_job: Callable[[], None] | None = None) -> None:
         self._metrics = metrics
+        self._before_job = before_job  # raises to refuse a job (it fails, the worker goes on)
         self._exclusive = exclusive  # held around each job and its check: the batching engine's pause
         self._queue: queue.Queue[tuple[JobBody, JobContext, asyncio.Queue[Any]] | None] = queue.Queue(maxsize=max_queue)
         self._after_job = after_job
@@ -197,6 +199,8 @@ class Scheduler:
             self._metrics.running.inc()
             try:
                 with self._exclusive():
+                    if self._before_job is not None:
+                        self._before_job()
                     try:
                         ctx.emit(_Done(body(ctx)))
                     finally:

@@ -46,6 +46,12 @@ class AppState:
     def ready(self) -> bool:
         return self.services is not None and self.failure is None
 
+    @property
+    def broken(self) -> bool:
+        """Failed after it was serving (leaked hooks, a batching engine that cannot be replaced):
+        only a restart helps, so liveness fails too."""
+        return self.services is not None and self.failure is not None
+
     def require(self) -> Services:
         """The services, or a 503 while loading (or after a failure)."""
         if not self.ready:

@@ -153,6 +153,23 @@ async def test_an_exception_inside_a_hook_fails_closed_and_the_next_request_work
     assert count_hooks(runtime.loaded.model) == count_hooks(runtime.patch_source.model) == 0
 
 
+@pytest.mark.anyio
+async def test_a_hook_leaked_after_serving_fails_readiness_and_liveness(runtime, settings) -> None:
+    """Leaked hooks would reach the next request: the server stops serving, and /health says so, so a restart follows."""
+    async with api_client(app_for(runtime, settings, engine="serial")) as client:
+        assert (await client.get("/health")).status_code == 200
+        handle = runtime.loaded.model.register_forward_hook(lambda *_: None)  # left behind by "a job"
+        try:
+            first = await client.post("/v1/chat/completions", json=chat(HARMLESS, max_tokens=2))
+            after = await client.post("/v1/chat/completions", json=chat(HARMLESS, max_tokens=2))
+            health, ready = await client.get("/health"), await client.get("/ready")
+        finally:
+            handle.remove()
+    assert first.status_code == 200 and after.status_code == 503
+    assert health.status_code == 503 and health.json()["error"]["code"] == "broken" and "hooks leaked" in health.text
+    assert ready.status_code == 503 and "hooks leaked" in ready.text
+
+
 def _write_json(path: Path, edit: Callable[[dict], Any]) -> None:
     """Rewrite a JSON file after `edit` changed the parsed object in place."""
     data = json.loads(path.read_text())
