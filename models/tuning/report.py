@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from neuronguard.models.loading import load_model
 from neuronguard.models.artifact.io import file_sha256, write_json
@@ -55,7 +56,7 @@ def evaluate_checkpoints(
         raise UsageError("checkpoint labels must be unique: pass --label for each --model")
     harmful, harmless, texts = inputs.load()
     results: dict[str, Any] = {}
-    for label, path in models.items():
+    for label, path in tqdm(models.items(), desc="checkpoints", unit="checkpoint", disable=None):  # a bar on a terminal only
         loaded = load_model(path, device, dtype)
         metrics, samples = evaluate(loaded, harmful, harmless, texts, settings)
         results[label] = {"path": path, "metrics": metrics.to_dict(), "samples": samples}
