@@ -19,7 +19,8 @@ from neuronguard.models.truncated_forward import capture_until_deepest, run_unti
 from neuronguard.models.loading import load_model
 from neuronguard.models.perplexity import perplexity
 from neuronguard.models.selected_mlp import SelectedMLP
-from neuronguard.models.artifact.neurons import NeuronSet, model_metadata
+from neuronguard.models.artifact.neurons import FORMAT, NeuronSet, model_metadata
+from safetensors.torch import save_file
 from neuronguard.models.sites import SiteOverride, resolve_sites
 from neuronguard.errors import UsageError
 from testkit.tiny_models import FAMILIES, build_tiny, tiny_config
@@ -373,6 +374,12 @@ def test_neuron_set_roundtrip_and_model_check(tiny_llama, tmp_path: Path) -> Non
     other = load_model(build_tiny(tmp_path / "gpt2", "gpt2"))
     with pytest.raises(UsageError, match="another model"):
         NeuronSet.load(path, other)
+    unsigned = tmp_path / "unsigned.safetensors"  # written without the model identity (not by `identify`)
+    save_file({"layer": loaded.layer, "index": loaded.index, "score": loaded.score}, str(unsigned),
+              metadata={"format": FORMAT, "method": "test"})
+    NeuronSet.load(unsigned)  # readable on its own
+    with pytest.raises(UsageError, match="does not say which model"):
+        NeuronSet.load(unsigned, tiny_llama)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UsageError, match="not a valid neuron file"):
         NeuronSet.load(tmp_path / "bad.safetensors")

@@ -148,9 +148,13 @@ class NeuronSet:
     def check_model(self, loaded: LoadedModel) -> None:
         """Refuse a set computed for another architecture."""
         expected = model_metadata(loaded)
+        missing = [key for key in expected if key not in self.metadata]
+        if missing:
+            raise UsageError(f"neuron set does not say which model it was made for (no {', '.join(missing)} in its "
+                             "metadata) (fix: rebuild it for this model with `neuronguard identify`)")
         for key, value in expected.items():
-            have = self.metadata.get(key)
-            if have is not None and have != value:
+            have = self.metadata[key]
+            if have != value:
                 raise UsageError(
                     f"neuron set was made for another model ({key}={have!r}, this model has {value!r}): "
                     "rebuild it for this model with `neuronguard identify`"

@@ -350,7 +350,12 @@ class GuardedBatchEngine:
 
     @property
     def running(self) -> bool:
-        return not self._closed and self._manager.is_running()
+        """Taking requests: not shut down, and its loop neither stopping nor gone. A failed step
+        marks the loop stopping before its requests hear of the failure, so a client that got that
+        error never finds this engine still running."""
+        manager = self._manager
+        return (not self._closed and manager.is_running()
+                and manager.background_thread_status.can_accept_new_requests() is None)
 
     def wait(self) -> None:
         """Follow the driver's steps until it shuts the engine down (the non-driver ranks' main loop)."""
