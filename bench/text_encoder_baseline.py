@@ -24,11 +24,10 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from neuronguard.detector.text_baseline import C_GRID, fit_text_baseline, score_texts
+from neuronguard.detector.text_baseline import fit_best_c, fit_text_baseline, score_texts
 from neuronguard.models.artifact.io import file_sha256
 from neuronguard.models.jsonl import read_records
 
@@ -54,15 +53,6 @@ def embed(encoder: tuple[PreTrainedTokenizerBase, PreTrainedModel], texts: Seque
             pooled = (model(**enc).last_hidden_state * mask).sum(1) / mask.sum(1)
             out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
     return np.concatenate(out)
-
-
-def fit_encoder_probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[LogisticRegression, dict[str, float]]:
-    """Logistic regression with the C of the best 5-fold out-of-fold AUROC on dev (the TF-IDF rule)."""
-    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
-    table = {c: float(roc_auc_score(y, cross_val_predict(LogisticRegression(C=c, max_iter=5000), x, y, cv=folds,
-                                                          method="predict_proba")[:, 1])) for c in C_GRID}
-    best = max(table, key=lambda c: table[c])
-    return LogisticRegression(C=best, max_iter=5000).fit(x, y), {"C": best, "dev_oof_auroc": table[best]}
 
 
 def _auroc(y: np.ndarray, scores: np.ndarray, idx: list[int]) -> float | None:
@@ -97,7 +87,7 @@ def main() -> None:
     tfidf, tfidf_fit = fit_text_baseline(texts["dev"], labels["dev"])
     encoder = AutoTokenizer.from_pretrained(args.encoder), AutoModel.from_pretrained(args.encoder).eval()
     vectors = {name: embed(encoder, split) for name, split in texts.items()}
-    probe, probe_fit = fit_encoder_probe(vectors["dev"], labels["dev"])
+    probe, probe_fit = fit_best_c(lambda c: LogisticRegression(C=c, max_iter=5000), vectors["dev"], labels["dev"])
     result: dict[str, object] = {
         "encoder": {"name": args.encoder_name, "model_sha256": file_sha256(args.encoder / "model.safetensors")},
         "fitted_on": "dev", "rows": {name: len(split) for name, split in rows.items()},

@@ -150,12 +150,7 @@ def shared_features(model: LoadedModel, selections: Sequence[NeuronSelection], p
     `max_columns` neurons a pass): forward passes are what costs, and each selection only
     needs its own columns of the same activations.
     """
-    start = 0
-    while start < len(selections):
-        chunk, width = [], 0
-        while start + len(chunk) < len(selections) and (not chunk or width + len(selections[start + len(chunk)]) <= max_columns):
-            width += len(selections[start + len(chunk)])
-            chunk.append(selections[start + len(chunk)])
+    def read(chunk: list[NeuronSelection]) -> Iterator[dict[str, torch.Tensor]]:
         union = NeuronSelection(torch.cat([c.layers for c in chunk]), torch.cat([c.indices for c in chunk]))
         features = {name: last_token_features(model, part, union) for name, part in prompts.items()}
         offset = 0
@@ -163,7 +158,15 @@ def shared_features(model: LoadedModel, selections: Sequence[NeuronSelection], p
             cols = slice(offset, offset + len(selection))
             offset += len(selection)
             yield {name: x[:, cols] for name, x in features.items()}
-        start += len(chunk)
+
+    chunk: list[NeuronSelection] = []
+    for selection in selections:
+        if chunk and sum(map(len, chunk)) + len(selection) > max_columns:
+            yield from read(chunk)
+            chunk = []
+        chunk.append(selection)
+    if chunk:
+        yield from read(chunk)
 
 
 def probe_sweep(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Labeled, ks: Sequence[int], seeds: Sequence[int], *,

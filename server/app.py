@@ -63,11 +63,16 @@ def _hook_guard(state: AppState) -> Callable[[], None]:
         if runtime is None:
             return
         if _registered_hooks(runtime, state.engine_hooks) > 0:  # below 0 only while a failed engine is replaced
-            state.failure = "hooks leaked on the shared model; restart the server"
-            state.metrics.ready.set(0)
-            log.critical(state.failure)
+            _broke(state, "hooks leaked on the shared model; restart the server")
 
     return check
+
+
+def _broke(state: AppState, reason: str) -> None:
+    """The server failed after it served: it stops being ready (and live, `AppState.broken`)."""
+    state.failure = reason
+    state.metrics.ready.set(0)
+    log.critical(reason)
 
 
 def _refuse_when_broken(state: AppState) -> Callable[[], None]:
@@ -113,13 +118,9 @@ async def _load(state: AppState, loader: Loader, on_load_error: Callable[[BaseEx
         state.engine_hooks = _registered_hooks(runtime)  # the engine's step hooks, installed for its lifetime
         # Under tensor parallelism a failed step stops every rank's engine: only a new process group starts again.
         restart = (lambda: start_engine(runtime, settings)) if engine.tensor_parallel_size == 1 else None
-
-        def stopped() -> None:
-            state.failure = "the batching engine stopped after a failed step; restart the server"
-            state.metrics.ready.set(0)
-            log.critical(state.failure)
-
-        batch = state.batch = BatchScheduler(engine, state.metrics, settings.max_queue, restart=restart, on_stopped=stopped)
+        batch = state.batch = BatchScheduler(
+            engine, state.metrics, settings.max_queue, restart=restart,
+            on_stopped=lambda: _broke(state, "the batching engine stopped after a failed step; restart the server"))
 
         def paused() -> AbstractContextManager[Any]:
             current = batch.engine
