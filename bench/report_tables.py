@@ -211,6 +211,11 @@ def text_baselines() -> str:
         r = result[key]
         rows.append(f"| {label} | {r['C']:g} | {_num(r['test']['all'])} | {_num(r['heldout']['all'])} | "
                     + " | ".join(_num(r["heldout"]["harmful_vs_benign_source"][s]) for s in sources) + " |")
+    harmful = sorted(result["tfidf"]["heldout"]["harmful_source_vs_benign"])
+    rows += ["", "| classifier (fitted on dev) | " + " | ".join(f"held-out {s} vs all held-out benign" for s in harmful) + " |",
+             "|---|" + "---|" * len(harmful)]
+    for key, label in (("tfidf", "TF-IDF words"), ("encoder_probe", "sentence encoder")):
+        rows.append(f"| {label} | " + " | ".join(_num(result[key]["heldout"]["harmful_source_vs_benign"][s]) for s in harmful) + " |")
     return "\n".join(rows) + "\n"
 
 

@@ -60,13 +60,20 @@ def _auroc(y: np.ndarray, scores: np.ndarray, idx: list[int]) -> float | None:
 
 
 def breakdown(rows: list[dict], y: np.ndarray, scores: np.ndarray) -> dict[str, object]:
-    """AUROC on the whole split, each benign source against every harmful row, and per attack style."""
+    """AUROC on the whole split, each benign source against every harmful row, each harmful source against
+    every benign row, and per attack style: which sources a classifier misranks, not only how much."""
     harmful = [i for i, r in enumerate(rows) if r["label"] == "harmful"]
-    benign_sources = sorted({r["source"] for r in rows if r["label"] != "harmful"})
+    benign = [i for i, r in enumerate(rows) if r["label"] != "harmful"]
+
+    def of_source(source: str) -> list[int]:
+        return [i for i, r in enumerate(rows) if r["source"] == source]
+
     return {
         "all": _auroc(y, scores, list(range(len(rows)))),
-        "harmful_vs_benign_source": {s: _auroc(y, scores, harmful + [i for i, r in enumerate(rows) if r["source"] == s])
-                                     for s in benign_sources},
+        "harmful_vs_benign_source": {s: _auroc(y, scores, harmful + of_source(s))
+                                     for s in sorted({rows[i]["source"] for i in benign})},
+        "harmful_source_vs_benign": {s: _auroc(y, scores, of_source(s) + benign)
+                                     for s in sorted({rows[i]["source"] for i in harmful})},
         "per_style": {s: _auroc(y, scores, [i for i, r in enumerate(rows) if r["style"] == s])
                       for s in sorted({r["style"] for r in rows})},
     }
