@@ -65,17 +65,16 @@ def breakdown(rows: list[dict], y: np.ndarray, scores: np.ndarray) -> dict[str, 
     harmful = [i for i, r in enumerate(rows) if r["label"] == "harmful"]
     benign = [i for i, r in enumerate(rows) if r["label"] != "harmful"]
 
-    def of_source(source: str) -> list[int]:
-        return [i for i, r in enumerate(rows) if r["source"] == source]
+    def where(key: str, value: str) -> list[int]:
+        return [i for i, r in enumerate(rows) if r[key] == value]
 
     return {
         "all": _auroc(y, scores, list(range(len(rows)))),
-        "harmful_vs_benign_source": {s: _auroc(y, scores, harmful + of_source(s))
+        "harmful_vs_benign_source": {s: _auroc(y, scores, harmful + where("source", s))
                                      for s in sorted({rows[i]["source"] for i in benign})},
-        "harmful_source_vs_benign": {s: _auroc(y, scores, of_source(s) + benign)
+        "harmful_source_vs_benign": {s: _auroc(y, scores, where("source", s) + benign)
                                      for s in sorted({rows[i]["source"] for i in harmful})},
-        "per_style": {s: _auroc(y, scores, [i for i, r in enumerate(rows) if r["style"] == s])
-                      for s in sorted({r["style"] for r in rows})},
+        "per_style": {s: _auroc(y, scores, where("style", s)) for s in sorted({r["style"] for r in rows})},
     }
 
 
