@@ -70,6 +70,8 @@ def process_group(device: str) -> Iterator[str]:
         _quiet()
     try:
         yield chosen
+        # Tear down together: a gloo rank leaving while rank 0 still writes can abort at exit.
+        dist.barrier()
     finally:
         _group = None
         dist.destroy_process_group()
