@@ -30,8 +30,7 @@ from neuronguard.detector.guard_probes import (
     decode_requests,
     fit_prefill,
     fit_stream,
-    probe_sweep,
-    random_probe_aurocs,
+    random_controls_and_sweep,
 )
 from neuronguard.detector.probe_training import roc_points
 from neuronguard.detector.recovery import planted_truth, recovery
@@ -239,9 +238,10 @@ def _run(aligned: LoadedModel, unaligned: LoadedModel, tmp: Path, config: BuildC
              for name, data in evals.items()}
     text_model, text_info = fit_text_baseline(_texts(dev), dev.labels, seed=config.seed)
     text_scores = {name: score_texts(text_model, _texts(data)) for name, data in evals.items()}
-    random_aurocs = random_probe_aurocs(unaligned, neurons.top(probe_k), dev, evals, config.seeds, seed=config.seed)
+    # One shared pass over dev and the evaluation sets for both controls (`random_controls_and_sweep`).
+    random_aurocs, sweep = random_controls_and_sweep(unaligned, neurons, probe_k, dev, evals, config.seeds, ks, config.seeds[:3],
+                                                     fpr=config.target_fpr, seed=config.seed)
     controls = control_aurocs(text_scores, random_aurocs, evals)
-    sweep = probe_sweep(unaligned, neurons, dev, evals["test"], ks, config.seeds[:3], fpr=config.target_fpr)
     timings["guard_eval_s"] = time.perf_counter() - start
 
     report: dict[str, Any] = {

@@ -169,18 +169,20 @@ def shared_features(model: LoadedModel, selections: Sequence[NeuronSelection], p
         yield from read(chunk)
 
 
-def probe_sweep(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Labeled, ks: Sequence[int], seeds: Sequence[int], *,
-                fpr: float) -> list[dict[str, object]]:
-    """Test metrics of top-k and random-k (same per-layer counts) prefill probes for each k (per-probe thresholds)."""
-    keep = ("accuracy", "auroc", "tpr", "fpr")
-    sets = [(k, chosen.selection()) for k in ks for chosen in
+def _sweep_sets(model: LoadedModel, neurons: NeuronSet, ks: Sequence[int], seeds: Sequence[int]) -> list[tuple[int, NeuronSelection]]:
+    """The sweep's probes in order: for each k the top-k set, then one random-k set per seed."""
+    return [(k, chosen.selection()) for k in ks for chosen in
             [neurons.top(k), *(neurons.top(k).random_like(model.sites.d_mlp, s) for s in seeds)]]
+
+
+def _sweep_rows(sets: Sequence[tuple[int, NeuronSelection]], features: Iterator[dict[str, torch.Tensor]], dev: Labeled,
+                test: Labeled, ks: Sequence[int], *, fpr: float, test_key: str) -> list[dict[str, object]]:
+    keep = ("accuracy", "auroc", "tpr", "fpr")
     results: dict[int, list[dict[str, float]]] = {k: [] for k in ks}
-    features = shared_features(model, [selection for _, selection in sets], {"dev": dev.prompts, "test": test.prompts})
     for (k, _), x in tqdm(zip(sets, features), total=len(sets), desc="probe sweep", unit="probe"):
         probe = train_probe(x["dev"], torch.tensor(dev.labels), neurons_sha256="sweep", position="last_prompt_token",
                             target_fpr=fpr)
-        results[k].append(evaluate_scores(probe.score(x["test"]).numpy(), np.array(test.labels), probe.threshold))
+        results[k].append(evaluate_scores(probe.score(x[test_key]).numpy(), np.array(test.labels), probe.threshold))
     rows = []
     for k in ks:
         top, randoms = results[k][0], results[k][1:]
@@ -190,21 +192,56 @@ def probe_sweep(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Labe
     return rows
 
 
-def random_probe_aurocs(model: LoadedModel, neurons: NeuronSet, dev: Labeled, evals: dict[str, Labeled],
-                        seeds: Sequence[int], *, seed: int, max_columns: int = 65536) -> dict[str, list[float]]:
-    """Held-out AUROC of prefill probes on random neurons with the probe's per-layer counts, one per seed
-    (the seeds' sets read in shared passes: `shared_features`)."""
+def probe_sweep(model: LoadedModel, neurons: NeuronSet, dev: Labeled, test: Labeled, ks: Sequence[int], seeds: Sequence[int], *,
+                fpr: float) -> list[dict[str, object]]:
+    """Test metrics of top-k and random-k (same per-layer counts) prefill probes for each k (per-probe thresholds)."""
+    sets = _sweep_sets(model, neurons, ks, seeds)
+    features = shared_features(model, [selection for _, selection in sets], {"dev": dev.prompts, "test": test.prompts})
+    return _sweep_rows(sets, features, dev, test, ks, fpr=fpr, test_key="test")
+
+
+def _random_selections(model: LoadedModel, neurons: NeuronSet, seeds: Sequence[int]) -> list[NeuronSelection]:
+    return [neurons.random_like(model.sites.d_mlp, s).selection() for s in seeds]
+
+
+def _random_aurocs(features: Iterator[dict[str, torch.Tensor]], count: int, dev: Labeled, evals: dict[str, Labeled], *,
+                   seed: int) -> dict[str, list[float]]:
+    """AUROC on each eval set of a probe fitted on dev, for the next `count` feature sets of `features`."""
     from sklearn.metrics import roc_auc_score
 
     out: dict[str, list[float]] = {name: [] for name in evals}
-    selections = [neurons.random_like(model.sites.d_mlp, s).selection() for s in seeds]
-    prompts = {"dev": dev.prompts, **{f"eval:{name}": data.prompts for name, data in evals.items()}}
-    features = shared_features(model, selections, prompts, max_columns=max_columns)
-    for x in tqdm(features, total=len(seeds), desc="random probes", unit="seed"):
+    for _, x in tqdm(zip(range(count), features), total=count, desc="random probes", unit="seed"):
         probe = train_probe(x["dev"], torch.tensor(dev.labels), neurons_sha256="random", position="last_prompt_token", seed=seed)
         for name, data in evals.items():
             out[name].append(float(roc_auc_score(data.labels, probe.score(x[f"eval:{name}"]).numpy())))
     return out
+
+
+def random_probe_aurocs(model: LoadedModel, neurons: NeuronSet, dev: Labeled, evals: dict[str, Labeled],
+                        seeds: Sequence[int], *, seed: int, max_columns: int = 65536) -> dict[str, list[float]]:
+    """Held-out AUROC of prefill probes on random neurons with the probe's per-layer counts, one per seed
+    (the seeds' sets read in shared passes: `shared_features`)."""
+    selections = _random_selections(model, neurons, seeds)
+    prompts = {"dev": dev.prompts, **{f"eval:{name}": data.prompts for name, data in evals.items()}}
+    features = shared_features(model, selections, prompts, max_columns=max_columns)
+    return _random_aurocs(features, len(selections), dev, evals, seed=seed)
+
+
+def random_controls_and_sweep(model: LoadedModel, neurons: NeuronSet, probe_k: int, dev: Labeled, evals: dict[str, Labeled],
+                              seeds: Sequence[int], ks: Sequence[int], sweep_seeds: Sequence[int], *, fpr: float, seed: int,
+                              sweep_split: str = "test", max_columns: int = 65536,
+                              ) -> tuple[dict[str, list[float]], list[dict[str, object]]]:
+    """`random_probe_aurocs(neurons.top(probe_k), ...)` and `probe_sweep(..., evals[sweep_split], ...)` in the
+    same shared passes: both read last-token features of dev and of the same evaluation prompts, so one
+    forward pass per prompt set (and column chunk) serves every random set and every sweep set.
+    The results are those of the two calls made apart (the same batches, each set its own columns)."""
+    randoms = _random_selections(model, neurons.top(probe_k), seeds)
+    sets = _sweep_sets(model, neurons, ks, sweep_seeds)
+    prompts = {"dev": dev.prompts, **{f"eval:{name}": data.prompts for name, data in evals.items()}}
+    features = shared_features(model, [*randoms, *(selection for _, selection in sets)], prompts, max_columns=max_columns)
+    random_aurocs = _random_aurocs(features, len(randoms), dev, evals, seed=seed)
+    sweep = _sweep_rows(sets, features, dev, evals[sweep_split], ks, fpr=fpr, test_key=f"eval:{sweep_split}")
+    return random_aurocs, sweep
 
 
 # Single probes with per-probe thresholds (`neuronguard probe train`); bundles use `calibrate`.

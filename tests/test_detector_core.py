@@ -313,3 +313,10 @@ def test_random_probe_controls_read_every_seed_in_shared_passes_with_the_same_re
             alone = evaluate_scores(probe.score(last_token_features(model, held.prompts, selection)).numpy(),
                                     np.array(held.labels), probe.threshold)
             assert got == pytest.approx({key: alone[key] for key in got}, abs=1e-9)
+    # The bundle build reads both controls in one shared pass; it must change no number of either.
+    for max_columns in (10_000, 20):
+        together = guard_probes.random_controls_and_sweep(model, neurons, 3, dev, {"heldout": held, "dev2": dev}, seeds,
+                                                          [3, 9], [1, 2], fpr=0.1, seed=0, sweep_split="heldout",
+                                                          max_columns=max_columns)
+        assert together == (guard_probes.random_probe_aurocs(model, neurons.top(3), dev, {"heldout": held, "dev2": dev}, seeds, seed=0),
+                            guard_probes.probe_sweep(model, neurons, dev, held, [3, 9], [1, 2], fpr=0.1))
