@@ -82,11 +82,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", type=Path, required=True, help="a local Hugging Face encoder directory")
     parser.add_argument("--encoder-name", required=True, help="what the encoder is and where it came from (recorded)")
+    parser.add_argument("--splits", type=Path, default=SPLITS, help="folder of dev/test/heldout.jsonl")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = {name: read_records(SPLITS / f"{name}.jsonl", ("prompt", "label", "source", "style")) for name in
+    rows = {name: read_records(args.splits / f"{name}.jsonl", ("prompt", "label", "source", "style")) for name in
             ("dev", "test", "heldout")}
     texts = {name: [request_text(r) for r in split] for name, split in rows.items()}
     labels = {name: np.array([r["label"] == "harmful" for r in split], dtype=int) for name, split in rows.items()}
