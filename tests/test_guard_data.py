@@ -126,6 +126,23 @@ def test_handwritten_sets_ship_with_the_organism_data() -> None:
     folder = Path(RAW_DIR).parent / "handwritten"
     assert sum(1 for _ in (folder / "small_talk.jsonl").open()) >= 100
     assert sum(1 for _ in (folder / "hard_negatives.jsonl").open()) >= 50
+    assert sum(1 for _ in (folder / "benign_security_requests.jsonl").open()) >= 100
+    assert sum(1 for _ in (folder / "harmful_questions.jsonl").open()) >= 100
+
+
+def test_handwritten_training_sets_stay_far_from_held_out_sources() -> None:
+    """The handwritten sets staged for the organism's train/dev sources were written after the
+    held-out failures were seen, so they are held to a far stricter bar than the splits' 0.8:
+    no row within word Jaccard 0.5 of any held-out row."""
+    import json
+
+    folder = Path(RAW_DIR).parent / "handwritten"
+    written = [json.loads(line)["prompt"] for name in ("benign_security_requests", "harmful_questions")
+               for line in (folder / f"{name}.jsonl").open()]
+    held = [r.prompt for loader in HELD_OUT_SOURCES.values() for r in loader(Path(RAW_DIR))]
+    close = [(written[i], held[j - len(written)]) for i, j in near_duplicate_pairs(written + held, threshold=0.5)
+             if i < len(written) <= j]
+    assert close == []
 
 
 def test_stream_probe_smooths_its_decision_value() -> None:
