@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import torch
@@ -210,7 +211,7 @@ def _random_aurocs(features: Iterator[dict[str, torch.Tensor]], count: int, dev:
     from sklearn.metrics import roc_auc_score
 
     out: dict[str, list[float]] = {name: [] for name in evals}
-    for _, x in tqdm(zip(range(count), features), total=count, desc="random probes", unit="seed"):
+    for x in tqdm(islice(features, count), total=count, desc="random probes", unit="seed"):
         probe = train_probe(x["dev"], torch.tensor(dev.labels), neurons_sha256="random", position="last_prompt_token", seed=seed)
         for name, data in evals.items():
             out[name].append(float(roc_auc_score(data.labels, probe.score(x[f"eval:{name}"]).numpy())))
