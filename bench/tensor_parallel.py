@@ -34,6 +34,7 @@ import torch
 from neuronguard.models.artifact.bundle import load_bundle
 from neuronguard.models.artifact.probe import probes_readout
 from neuronguard.models.chat import encode_prompt
+from neuronguard.models.distributed import leaving_group_together
 from neuronguard.models.engine import EngineConfig, EngineEvent, EngineRequest, GuardedBatchEngine, TokenEvent
 from neuronguard.models.engine.sharding import MLPShard
 from neuronguard.models.generation import PatchSource, SamplingParams
@@ -181,7 +182,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--stream-threshold", type=float, help="stream-probe threshold (default: the bundle's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    run(parser.parse_args())
+    with leaving_group_together():
+        run(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -77,6 +77,26 @@ def process_group(device: str) -> Iterator[str]:
         dist.destroy_process_group()
 
 
+@contextmanager
+def leaving_group_together() -> Iterator[None]:
+    """Leave the group that a tensor-parallel load started (transformers' `tp_plan`) in step.
+
+    transformers starts the group but never ends it; a gloo group left to the interpreter's
+    exit can abort the process (SIGABRT, "terminate called without an active exception").
+    On a clean exit every rank meets at a barrier and destroys the group; after an error the
+    group is destroyed without the barrier, which a failed rank would never reach.
+    """
+    clean = False
+    try:
+        yield
+        clean = True
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
 def _quiet() -> None:
     """Ranks other than 0 show no progress bars, warnings or info logs: rank 0 reports for the group."""
     from transformers.utils import logging as transformers_logging

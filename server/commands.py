@@ -13,12 +13,16 @@ import errno
 import logging
 import signal
 import socket
+from contextlib import AbstractContextManager, nullcontext
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neuronguard.errors import UsageError
 from neuronguard.models.arguments import add_model_arguments
 from neuronguard.server.guard import GUARD_MODES
+
+if TYPE_CHECKING:
+    from neuronguard.server.settings import Settings
 
 _SWITCH = {"action": argparse.BooleanOptionalAction}
 # (flag, Settings field, argparse options); with the shared model flags (MODEL_FLAGS) they cover every
@@ -80,6 +84,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _drained(_sig: int, _frame: FrameType | None) -> None:
     """Receives the signal uvicorn re-raises after its graceful shutdown: nothing left to do."""
+
+
+def _group_teardown(settings: Settings) -> AbstractContextManager[None]:
+    """Rank 0 of a tensor-parallel group leaves it with the followers; a single process has none."""
+    if settings.tensor_parallel_size == 1:
+        return nullcontext()
+    from neuronguard.models.distributed import leaving_group_together
+
+    return leaving_group_together()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -155,7 +168,8 @@ def serve(args: argparse.Namespace) -> int:
     # started: the default one kills the process (exit -15). A no-op one lets a drained server exit 0.
     previous = {sig: signal.signal(sig, _drained) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run(sockets=[sock])
+        with _group_teardown(settings):
+            server.run(sockets=[sock])
     finally:
         sock.close()
         for sig, handler in previous.items():

@@ -61,6 +61,7 @@ def launch(settings: Settings) -> int:
 
 def follow(settings: Settings) -> int:
     """A rank other than 0: load this rank's slices, then run the engine's steps as rank 0 drives them."""
+    from neuronguard.models.distributed import leaving_group_together
     from neuronguard.server.app import start_engine
     from neuronguard.server.logging import configure_logging
     from neuronguard.server.runtime import load_runtime
@@ -68,11 +69,12 @@ def follow(settings: Settings) -> int:
     configure_logging(settings.log_level.upper())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    runtime = load_runtime(settings)
-    engine = start_engine(runtime, settings)
-    log.info("following rank 0", extra={"rank": int(os.environ["RANK"])})
-    try:
-        engine.wait()
-    finally:
-        engine.shutdown(drain=False)
+    with leaving_group_together():
+        runtime = load_runtime(settings)
+        engine = start_engine(runtime, settings)
+        log.info("following rank 0", extra={"rank": int(os.environ["RANK"])})
+        try:
+            engine.wait()
+        finally:
+            engine.shutdown(drain=False)
     return 0
