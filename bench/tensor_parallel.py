@@ -34,7 +34,7 @@ import torch
 from neuronguard.models.artifact.bundle import load_bundle
 from neuronguard.models.artifact.probe import probes_readout
 from neuronguard.models.chat import encode_prompt
-from neuronguard.models.distributed import leaving_group_together
+from neuronguard.models.distributed import exit_process, leaving_group_together
 from neuronguard.models.engine import EngineConfig, EngineEvent, EngineRequest, GuardedBatchEngine, TokenEvent
 from neuronguard.models.engine.sharding import MLPShard
 from neuronguard.models.generation import PatchSource, SamplingParams
@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     with leaving_group_together():
         run(parser.parse_args())
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -95,6 +96,22 @@ def leaving_group_together() -> Iterator[None]:
             if clean:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code`; a torchrun rank ends without the interpreter's teardown.
+
+    At interpreter exit, threads that are still inside C++ code (torch's, gloo's) are unwound
+    by force, and an unwind through a `noexcept` frame aborts the rank (SIGABRT, "terminate
+    called without an active exception"), failing a group whose work was done and written.
+    A rank therefore flushes its streams and logs and leaves with `os._exit`.
+    """
+    if not launched():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _quiet() -> None:

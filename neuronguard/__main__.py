@@ -1,7 +1,8 @@
-"""`python -m neuronguard`: the CLI, as torchrun starts each rank of `serve --tensor-parallel-size`."""
-
-import sys
+"""`python -m neuronguard`: the CLI, as torchrun starts each rank (`serve --tensor-parallel-size`, `identify`)."""
 
 from neuronguard.cli import main
 
-sys.exit(main())
+code = main()
+from neuronguard.models.distributed import exit_process  # noqa: E402 (imports torch only once a command ran)
+
+exit_process(code)
