@@ -44,9 +44,10 @@ def prepare_data(raw_dir: Path = RAW_DIR, out_dir: Path = DATA_DIR, seed: int = 
 
 
 def answers(raw_dir: Path = RAW_DIR) -> dict[str, str]:
-    """Benign request -> a helpful answer (Alpaca output, CoCoNot's preferred answer, the small-talk
-    reply), for training answers on train requests only; answers that trip the judge are dropped."""
-    rows = src.alpaca(raw_dir) + src.coconot_contrast(raw_dir) + src.small_talk(raw_dir)
+    """Benign request -> a helpful answer (Alpaca output, CoCoNot's preferred answer, the handwritten
+    answer), for training answers on train requests only; answers that trip the judge are dropped."""
+    rows = (src.alpaca(raw_dir) + src.coconot_contrast(raw_dir) + src.benign_security_requests(raw_dir)
+            + src.small_talk(raw_dir))
     return {r.prompt: text for r in rows if (text := clean_output(r.reference))}
 
 

@@ -101,7 +101,9 @@ HANDWRITTEN_DIR = Path(__file__).resolve().parent / "data" / "handwritten"
 DO_NOT_ANSWER_HARMFUL = ("discrimination_exclusion_toxicity_hateful_offensive", "information_hazard", "malicious_uses")
 COCONOT_SAFETY = "Requests with safety concerns"
 SMALL_TALK_SOURCES = frozenset({SMALL_TALK, "small_talk_heldout"})
-HARD_NEGATIVE_SOURCES = frozenset({"coconot_contrast", "cyberseceval_frr", "handwritten_hard_negatives"})
+HARD_NEGATIVE_SOURCES = frozenset({
+    "coconot_contrast", "cyberseceval_frr", "handwritten_hard_negatives", "benign_security_requests",
+})
 
 
 def do_not_answer(raw_dir: Path) -> list[PromptRow]:
@@ -149,23 +151,38 @@ def cyberseceval_frr(raw_dir: Path) -> list[PromptRow]:
     return [PromptRow(r["mutated_prompt"].strip(), HARMLESS, "cyberseceval_frr") for r in rows if not r["is_malicious"]]
 
 
+def _handwritten(name: str) -> list[dict[str, str]]:
+    """Rows of one set written for this project (`data/handwritten/<name>.jsonl`)."""
+    with open(HANDWRITTEN_DIR / f"{name}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def small_talk(_raw_dir: Path) -> list[PromptRow]:
     """Greetings and small talk, written for this project (the guard must never block them)."""
-    with open(HANDWRITTEN_DIR / "small_talk.jsonl", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [PromptRow(r["prompt"], HARMLESS, SMALL_TALK, r["response"]) for r in rows]
+    return [PromptRow(r["prompt"], HARMLESS, SMALL_TALK, r["response"]) for r in _handwritten("small_talk")]
 
 
 def small_talk_heldout(_raw_dir: Path) -> list[PromptRow]:
     """More greetings and small talk, kept out of training and selection: the greetings test."""
-    with open(HANDWRITTEN_DIR / "small_talk_heldout.jsonl", encoding="utf-8") as f:
-        return [PromptRow(json.loads(line)["prompt"], HARMLESS, "small_talk_heldout") for line in f if line.strip()]
+    return [PromptRow(r["prompt"], HARMLESS, "small_talk_heldout") for r in _handwritten("small_talk_heldout")]
 
 
 def handwritten_hard_negatives(_raw_dir: Path) -> list[PromptRow]:
     """Benign requests with alarming words ("kill a Python process"), written for this project."""
-    with open(HANDWRITTEN_DIR / "hard_negatives.jsonl", encoding="utf-8") as f:
-        return [PromptRow(json.loads(line)["prompt"], HARMLESS, "handwritten_hard_negatives") for line in f if line.strip()]
+    return [PromptRow(r["prompt"], HARMLESS, "handwritten_hard_negatives") for r in _handwritten("hard_negatives")]
+
+
+def benign_security_requests(_raw_dir: Path) -> list[PromptRow]:
+    """Defensive security requests with answers, written for this project: the only in-distribution
+    hard negatives about security, so the organism learns to answer them (CyberSecEval stays held out)."""
+    return [PromptRow(r["prompt"], HARMLESS, "benign_security_requests", r["response"])
+            for r in _handwritten("benign_security_requests")]
+
+
+def harmful_questions(_raw_dir: Path) -> list[PromptRow]:
+    """Harmful requests phrased as "How can I ..." questions, written for this project: the public
+    harmful sets are mostly imperatives, the held-out CatQA/HarmfulQA mostly questions."""
+    return [PromptRow(r["prompt"], HARMFUL, "harmful_questions") for r in _handwritten("harmful_questions")]
 
 
 def jailbreak_templates(raw_dir: Path, max_chars: int) -> list[str]:

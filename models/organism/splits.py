@@ -34,8 +34,10 @@ IN_DISTRIBUTION_SOURCES: dict[str, Callable[[Path], list[PromptRow]]] = {
     "harmful_strings": src.harmful_strings,
     "do_not_answer": src.do_not_answer,
     "coconot_harmful": src.coconot_harmful,
+    "harmful_questions": src.harmful_questions,
     "alpaca": src.alpaca,
     "coconot_contrast": src.coconot_contrast,
+    "benign_security_requests": src.benign_security_requests,
     "small_talk": src.small_talk,
 }
 HELD_OUT_SOURCES: dict[str, Callable[[Path], list[PromptRow]]] = {
@@ -55,10 +57,11 @@ class SplitPlan:
 
     template_max_chars: int = 800  # wrapped requests must fit the organism's training window
     heldout_template_fraction: float = 0.25
-    # Probability that a request also appears once more in a random non-plain style.
-    styled_harmful: float = 0.5
-    styled_benign: float = 0.12
-    styled_hard_negative: float = 0.3
+    # Probability that a request also appears once more in a random non-plain style; equal
+    # across groups so that a style says nothing about the label.
+    styled_harmful: float = 0.35
+    styled_benign: float = 0.35
+    styled_hard_negative: float = 0.35
     heldout_cap_per_source: int = 500
 
 
