@@ -8,7 +8,9 @@ contiguous run of the work items, `all_reduce_sum` adds the ranks' additive stat
 on rank 0 only: it alone writes artifacts, prints and shows progress bars. Without a group
 every helper is the identity and no collective runs: a plain process behaves as it always did.
 Work is sharded in whole batches, so every batch is the one a single process would run (same
-rows, same padding) and only the order of the float64 sums differs.
+rows, same padding) and only the order of the float64 sums differs. A group that a
+tensor-parallel load started is left with `leaving_group_together`, and every torchrun rank
+ends through `exit_process`.
 """
 
 from __future__ import annotations
