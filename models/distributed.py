@@ -72,12 +72,10 @@ def process_group(device: str) -> Iterator[str]:
     if not is_writer():
         _quiet()
     try:
-        yield chosen
-        # Tear down together: a gloo rank leaving while rank 0 still writes can abort at exit.
-        dist.barrier()
+        with leaving_group_together():  # a gloo rank leaving while rank 0 still writes can abort at exit
+            yield chosen
     finally:
         _group = None
-        dist.destroy_process_group()
 
 
 @contextmanager

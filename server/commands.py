@@ -13,16 +13,12 @@ import errno
 import logging
 import signal
 import socket
-from contextlib import AbstractContextManager, nullcontext
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from neuronguard.errors import UsageError
 from neuronguard.models.arguments import add_model_arguments
 from neuronguard.server.guard import GUARD_MODES
-
-if TYPE_CHECKING:
-    from neuronguard.server.settings import Settings
 
 _SWITCH = {"action": argparse.BooleanOptionalAction}
 # (flag, Settings field, argparse options); with the shared model flags (MODEL_FLAGS) they cover every
@@ -86,15 +82,6 @@ def _drained(_sig: int, _frame: FrameType | None) -> None:
     """Receives the signal uvicorn re-raises after its graceful shutdown: nothing left to do."""
 
 
-def _group_teardown(settings: Settings) -> AbstractContextManager[None]:
-    """Rank 0 of a tensor-parallel group leaves it with the followers; a single process has none."""
-    if settings.tensor_parallel_size == 1:
-        return nullcontext()
-    from neuronguard.models.distributed import leaving_group_together
-
-    return leaving_group_together()
-
-
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before anything loads: a taken port stops start-up at once."""
     try:
@@ -143,6 +130,7 @@ def serve(args: argparse.Namespace) -> int:
             return tensor_parallel.follow(settings)
     sock = bind(settings.host, settings.port)
     try:
+        from neuronguard.models.distributed import leaving_group_together
         from neuronguard.server.app import create_app
         from neuronguard.server.runtime import preflight
 
@@ -168,7 +156,7 @@ def serve(args: argparse.Namespace) -> int:
     # started: the default one kills the process (exit -15). A no-op one lets a drained server exit 0.
     previous = {sig: signal.signal(sig, _drained) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with _group_teardown(settings):
+        with leaving_group_together():  # rank 0 of a tensor-parallel group leaves with the followers
             server.run(sockets=[sock])
     finally:
         sock.close()

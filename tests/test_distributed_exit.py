@@ -9,7 +9,7 @@ from neuronguard.models import distributed
 
 
 @pytest.fixture
-def one_rank_group(tmp_path, monkeypatch: pytest.MonkeyPatch):
+def one_rank_group(tmp_path):
     """A real gloo group of one rank, as transformers' tensor-parallel load leaves behind."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
