@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants as hub_constants
 
 from neuronguard.errors import UsageError
 from neuronguard.models.artifact import io
@@ -21,7 +22,17 @@ from testkit.server_fixtures import build_bundle
 @pytest.fixture(autouse=True)
 def _cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty Hugging Face cache
     return tmp_path / "cache"
+
+
+def _hub_snapshot(repo_id: str, commit: str, shards: dict[str, bytes]) -> Path:
+    """A hub id's snapshot laid out as the Hugging Face cache does: refs/main names the commit."""
+    repo = Path(hub_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    return _checkpoint(repo / "snapshots" / commit, shards)
 
 
 def _checkpoint(folder: Path, shards: dict[str, bytes]) -> Path:
@@ -37,7 +48,18 @@ def test_digest_is_the_sha256_of_the_ordered_file_digests(tmp_path: Path) -> Non
     per_file = [hashlib.sha256(b"one").hexdigest(), hashlib.sha256(b"two").hexdigest()]
     assert weights_digest(model) == hashlib.sha256("\n".join(per_file).encode()).hexdigest()
     assert weights_digest(_checkpoint(tmp_path / "empty", {})) is None
-    assert weights_digest("meta-llama/Llama-3.1-8B-Instruct") is None  # a hub id: nothing local to hash
+    assert weights_digest("meta-llama/Llama-3.1-8B-Instruct") is None  # a hub id not in the cache: nothing to hash
+    assert weights_digest("not a hub id!") is None
+
+
+def test_a_hub_id_is_hashed_from_its_cached_snapshot(tmp_path: Path) -> None:
+    snapshot = _hub_snapshot("org/fine-tune", "a" * 40, {"model.safetensors": b"weights"})
+    assert weights_digest("org/fine-tune") == weights_digest(snapshot) is not None
+    manifest = {"model": {"weights_sha256": weights_digest(snapshot)}}
+    check_weights("b", manifest, "org/fine-tune", allow_mismatch=False)
+    _hub_snapshot("org/abliterated", "b" * 40, {"model.safetensors": b"abliterated"})
+    with pytest.raises(UsageError, match="other weights"):  # same architecture, another hub checkpoint
+        check_weights("b", manifest, "org/abliterated", allow_mismatch=False)
 
 
 def test_cache_reuses_a_digest_until_size_or_mtime_changes(tmp_path: Path, _cache_home: Path,
@@ -78,7 +100,7 @@ def test_check_weights_match_mismatch_and_override(tmp_path: Path) -> None:
     assert "\n" not in message and "other weights" in message and "--allow-weights-mismatch" in message
     check_weights("b", manifest, other, allow_mismatch=True)
     check_weights("b", {"model": {}}, other, allow_mismatch=False)  # a bundle without a digest: nothing to compare
-    check_weights("b", manifest, "org/hub-model", allow_mismatch=False)  # a hub id: nothing to hash
+    check_weights("b", manifest, "org/hub-model", allow_mismatch=False)  # a hub id not in the cache: nothing to hash
 
 
 def test_load_bundle_refuses_a_twin_of_the_same_architecture(tiny_llama_path: Path, tiny_twin_path: Path,

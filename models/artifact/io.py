@@ -1,7 +1,8 @@
 """Artifact I/O: content digests and atomic writes, so readers never see half a file.
 
 `weights_digest` identifies a checkpoint by its weights, so a bundle can refuse a fine-tune of
-the same architecture that its probes were never fitted to. Hashing gigabytes on every start
+the same architecture that its probes were never fitted to. A hub id is read from its snapshot
+in the Hugging Face cache, the files the model was loaded from. Hashing gigabytes on every start
 would be slow, so each file's digest is cached under `$XDG_CACHE_HOME/neuronguard/` (default
 `~/.cache/neuronguard/`), keyed by path, size and modification time.
 """
@@ -14,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from huggingface_hub import try_to_load_from_cache
 
 
 def file_sha256(path: str | Path) -> str:
@@ -32,16 +35,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neuronguard"
 
 
+def checkpoint_dir(model: str | Path) -> Path | None:
+    """The local folder of a checkpoint: the directory itself, or a hub id's cached snapshot."""
+    directory = Path(model).expanduser()
+    if directory.is_dir():
+        return directory
+    try:
+        config = try_to_load_from_cache(str(model), "config.json")
+    except ValueError:  # not a valid hub id either
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
 def weights_digest(model_dir: str | Path) -> str | None:
     """sha256 over the per-file sha256 of a checkpoint's `*.safetensors`, in file-name order.
 
     The digest is `sha256("\n".join(sha256(f) for f in sorted(files)))` of the hex file digests;
-    None for a hub id or a folder without safetensors (nothing to identify it by). Per-file
-    digests are reused from the cache while a file's size and mtime are unchanged; a cache
-    that cannot be read or written is ignored.
+    a hub id is hashed from its cached snapshot (the revision its `main` ref names). None for a
+    hub id not in the cache or a folder without safetensors (nothing to identify it by).
+    Per-file digests are reused from the cache while a file's size and mtime are unchanged; a
+    cache that cannot be read or written is ignored.
     """
-    directory = Path(model_dir).expanduser()
-    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    directory = checkpoint_dir(model_dir)
+    files = sorted(directory.glob("*.safetensors")) if directory is not None else []
     if not files:
         return None
     cache_path = cache_dir() / WEIGHTS_CACHE
