@@ -28,6 +28,8 @@ from neuronguard.models.engine import (
     GuardedBatchEngine,
     TokenEvent,
 )
+from neuronguard.models.engine import attention
+from neuronguard.models.engine.attention import GROUPED_SDPA, group_bounds
 from neuronguard.models.generation import PatchSource, SamplingParams, decode, left_pad
 from neuronguard.models.hooks import count_hooks
 from neuronguard.models.loading import LoadedModel, load_model
@@ -203,8 +205,19 @@ def setup(tiny_llama_path: Path, strong_twin_path: Path) -> Setup:
     return Setup(served, twin, readout, PatchSource(twin.model, patched, twin.sites))
 
 
-@pytest.mark.parametrize("concurrent", [8, 32])
-def test_guarded_requests_match_reference(setup: Setup, concurrent: int) -> None:
+@pytest.mark.parametrize(("concurrent", "group_keys"), [(8, None), (32, None), (32, 0)])
+def test_guarded_requests_match_reference(setup: Setup, concurrent: int, group_keys: int | None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """32 requests attend in groups of requests by default on CPU (up to ~1,600 keys a step), 8 in one group;
+    group_keys 0 attends every step at once."""
+    groups: list[int] = []
+
+    def counted(cu_seq_lens_k: list[int], keys_per_group: int) -> list[int]:
+        bounds = group_bounds(cu_seq_lens_k, keys_per_group)
+        groups.append(len(bounds) - 1)
+        return bounds
+
+    monkeypatch.setattr(attention, "group_bounds", counted)
     prompts = random_prompts(concurrent, (2, 40), seed=concurrent)
     patch = [i % 3 == 0 for i in range(concurrent)]
     unstopped = [reference(setup, p, SamplingParams(max_new_tokens=BUDGET + 1), patch=flag) for p, flag in zip(prompts, patch)]
@@ -219,8 +232,10 @@ def test_guarded_requests_match_reference(setup: Setup, concurrent: int) -> None
     peaks = [max(x[1].item() for x in r.logits[1:]) for r in refs if r.logits[0][0] < prefill and len(r.logits) > 1]
     thresholds = (prefill, threshold_between(peaks, 0.6))
     guards = [Guard(thresholds, params.stop_token_ids) for _ in prompts]
-    config = EngineConfig(num_blocks=128, page_size=16, max_batch_tokens=64)  # 32 prompts prefill in chunks
+    # 32 prompts prefill in chunks
+    config = EngineConfig(num_blocks=128, page_size=16, max_batch_tokens=64, attention_group_keys=group_keys)
     with GuardedBatchEngine(setup.served, readout=setup.readout, patch_source=setup.source, config=config) as engine:
+        assert setup.served.model.config._attn_implementation == ("sdpa" if group_keys == 0 else f"{GROUPED_SDPA}_384")
         requests = [EngineRequest(p, params, readout=True, patch=flag) for p, flag in zip(prompts, patch)]
         events = collect(engine, requests, guards)
         assert engine.stats().active_requests == 0
@@ -229,6 +244,14 @@ def test_guarded_requests_match_reference(setup: Setup, concurrent: int) -> None
     ends = Counter(g.decisions[-1][0] if g.finish == "content_filter" else g.finish for g in guards)
     assert ends["prefill"] and ends["stream"] and ends["stop"] + ends["length"], ends
     assert count_hooks(setup.served.model) == 0 and count_hooks(setup.twin.model) == 0
+    assert setup.served.model.config._attn_implementation == setup.twin.model.config._attn_implementation == "sdpa"
+    assert (max(groups, default=0) > 1) == (concurrent == 32 and group_keys is None), Counter(groups)
+
+
+def test_group_bounds_close_a_group_once_it_holds_enough_keys() -> None:
+    assert group_bounds([0, 100, 200, 300, 400, 450], 200) == [0, 2, 4, 5]
+    assert group_bounds([0, 100, 150], 384) == [0, 2]  # one group: the dense call
+    assert group_bounds([0, 500, 510], 384) == [0, 1, 2]  # a long prefill is a group of its own
 
 
 def test_chunked_prefill_and_prefix_sharing_match_reference(setup: Setup) -> None:

@@ -36,6 +36,7 @@ from transformers.generation.continuous_batching.requests import FutureRequestSt
 from transformers.generation.logits_process import LogitsProcessorList
 
 from neuronguard.errors import UsageError
+from neuronguard.models.engine.attention import CPU_KEYS_PER_GROUP, grouped_attention
 from neuronguard.models.engine.sharding import MLPShard
 from neuronguard.models.engine.step import Live, Policy, RequestSampler, StepState, Twin, step_hooks
 from neuronguard.models.engine.types import (
@@ -167,6 +168,10 @@ class GuardedBatchEngine:
                         shard.check_same(patch_source.sites or loaded.sites)
                 self._stack.enter_context(step_hooks(model, loaded.sites, self._batch, self._step_policies, self._lives,
                                                      readout, twin, self._state, shard))
+                # After warm-up: the step inputs were sized for SDPA, so they keep the mask it slices.
+                if (keys := self._attention_group_keys()) and model.config._attn_implementation == "sdpa":
+                    models = [model] + ([patch_source.model] if patch_source is not None else [])
+                    self._stack.enter_context(grouped_attention(models, keys))
                 self._manager.start()
             except BaseException:
                 self._release()
@@ -187,6 +192,12 @@ class GuardedBatchEngine:
         if cache.cache_tensor.shape != self._cache.cache_tensor.shape or cache.num_blocks != self._cache.num_blocks:
             raise UsageError("the patch source's KV cache does not match the served model's: use a twin of the same architecture")
         return Twin(source, cache)
+
+    def _attention_group_keys(self) -> int:
+        keys = self.config.attention_group_keys
+        if keys is None:
+            return CPU_KEYS_PER_GROUP if torch.device(self._cache.device).type == "cpu" else 0
+        return keys
 
     def _cache_supports_logits_to_keep(self) -> bool:
         supports = getattr(self.loaded.model, "_supports_logits_to_keep", None)

@@ -33,11 +33,14 @@ class EngineConfig:
     max_requests_per_batch: int = 64
     prefix_sharing: bool = True
     scheduler: Literal["fifo", "prefill_first"] = "fifo"
+    attention_group_keys: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "page_size", "max_batch_tokens", "max_requests_per_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine {name} must be at least 1, got {getattr(self, name)}")
+        if self.attention_group_keys is not None and self.attention_group_keys < 0:
+            raise ValueError(f"engine attention_group_keys must be 0 (off) or more, got {self.attention_group_keys}")
         if self.page_size < 4:
             raise ValueError(f"engine page_size must be at least 4, got {self.page_size}")
 
