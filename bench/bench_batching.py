@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--attention-group-keys", type=int,
+                        help="keys per attention group (0: the whole step at once; default: the engine's choice for the device)")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="random models of this shape instead of the organism")
     parser.add_argument("--device", default="cpu", help="with --shape")
     parser.add_argument("--dtype", default="float32", help="with --shape")
@@ -152,7 +154,8 @@ def main() -> None:
     longest = max(len(p) for p in prompts) + args.max_tokens
     page = 32
     config = EngineConfig(num_blocks=-(-longest // page) * max(args.concurrency) + 8, page_size=page,
-                          max_batch_tokens=args.max_batch_tokens, max_requests_per_batch=max(args.concurrency))
+                          max_batch_tokens=args.max_batch_tokens, max_requests_per_batch=max(args.concurrency),
+                          attention_group_keys=args.attention_group_keys)
     # One engine for every variant (it has the patch source, so prefix sharing is off for all alike).
     engine = GuardedBatchEngine(served, readout=readout, patch_source=source, config=config)
     runs = [("serial", v, 1) for v in VARIANTS] + [("engine", v, c) for c in args.concurrency for v in VARIANTS]
@@ -186,7 +189,7 @@ def main() -> None:
         "model": f"random {args.shape}, {args.dtype}" if args.shape else "organism (unaligned, patch source aligned)",
         "device": (torch.cuda.get_device_name() if served.device.type == "cuda" else f"CPU, {args.threads} threads"),
         "machine": platform.machine(), "prompts": len(prompts), "serial_prompts": len(serial_prompts),
-        "new_tokens": args.max_tokens,
+        "new_tokens": args.max_tokens, "attention_group_keys": args.attention_group_keys,
         "rounds": args.rounds, "probe_k": len(readout.selection), "patched_neurons": len(source.selection),
         "serial_tokens_per_s": {v: tps(("serial", v, 1)) for v in VARIANTS},
         "engine_tokens_per_s": {str(c): {v: tps(("engine", v, c)) for v in VARIANTS} for c in args.concurrency},
