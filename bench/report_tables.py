@@ -9,7 +9,8 @@ A generated block sits between `<!-- generated:NAME -->` and `<!-- /generated:NA
 control) and the same under `models/organism/learned/` (learned pair); the tuning experiments'
 `neuronguard eval` results under `models/tuning/results/<organism>/eval.json`
 (`scripts/robustness_experiment.sh`); the text baselines of `bench/text_encoder_baseline.py`
-(`bench/results/text_encoder_baseline.json`).
+(`bench/results/text_encoder_baseline.json`); the capacity study of `bench/organism_capacity.py`
+(`bench/results/organism_capacity.json`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ORGANISMS = {"learned": ROOT / "models/organism/learned", "planted": ROOT / "models/organism"}
 TUNING_RESULTS = ROOT / "models/tuning/results"
 TEXT_BASELINES = ROOT / "bench/results/text_encoder_baseline.json"
+CAPACITY = ROOT / "bench/results/organism_capacity.json"
 RANDOM_KINDS = {"sn-tune": "sn-tune-random-", "rsn-tune": "rsn-tune-random-", "deact-sn": "deact-r-"}
 RANDOM_NAMES = {"sn-tune": "SN-Tune recipe on random sets", "rsn-tune": "RSN-Tune recipe on random sets",
                 "deact-sn": "deact-r: random sets zeroed"}
@@ -219,13 +221,32 @@ def text_baselines() -> str:
     return "\n".join(rows) + "\n"
 
 
+def organism_capacity() -> str:
+    """All-neuron and per-layer probes on base organisms of each size: dev out-of-fold and held-out AUROC."""
+    result = _load(CAPACITY)
+    rows = ["| base organism | parameters | dev (out-of-fold): all neurons | held-out: all neurons "
+            "| held-out per layer (L0, L1, ...) |", "|---|---|---|---|---|"]
+    for r in result["results"]:
+        name = r.get("checkpoint") or f"`{r['config']}`, seed {r['seed']}, {r['base_steps']} steps" + (
+            " (untrained)" if r["base_steps"] == 0 else "")
+        layers = sorted((k for k in r["probes"] if k != "all"), key=lambda k: int(k[1:]))
+        rows.append(f"| {name} | {r['parameters'] / 1e6:.1f}M | {_num(r['probes']['all']['dev_oof_auroc'])} "
+                    f"| **{_num(r['probes']['all']['heldout_auroc'])}** | "
+                    + " / ".join(_num(r["probes"][k]["heldout_auroc"]) for k in layers) + " |")
+    t = result["tfidf"]
+    rows.append(f"| TF-IDF words on the request text (no organism) | – | {_num(t['dev_oof_auroc'])} "
+                f"| **{_num(t['heldout_auroc'])}** | – |")
+    return "\n".join(rows) + "\n"
+
+
 def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
 
 RENDERERS: dict[str, Callable[[], str]] = {"guard-headline": guard_headline, "guard-detail": guard_detail,
                                            "causal": causal, "organisms": organisms, "tuning": tuning,
-                                           "tuning-verdicts": tuning_verdicts, "text-baselines": text_baselines}
+                                           "tuning-verdicts": tuning_verdicts, "text-baselines": text_baselines,
+                                           "organism-capacity": organism_capacity}
 
 
 def render_file(text: str) -> str:

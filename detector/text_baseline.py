@@ -28,12 +28,13 @@ def _pipeline(c: float, seed: int) -> Pipeline:
     )
 
 
-def fit_best_c(make: Callable[[float], Any], x: Any, labels: Sequence[int], seed: int = 0) -> tuple[Any, dict[str, float]]:
-    """`make(C)` refitted on all of `x` with the C of `C_GRID` whose 5-fold out-of-fold AUROC is best."""
+def fit_best_c(make: Callable[[float], Any], x: Any, labels: Sequence[int], seed: int = 0,
+               grid: Sequence[float] = C_GRID) -> tuple[Any, dict[str, float]]:
+    """`make(C)` refitted on all of `x` with the C of `grid` whose 5-fold out-of-fold AUROC is best."""
     y = np.asarray(labels)
     folds = StratifiedKFold(n_splits=max(2, min(5, int(np.bincount(y).min()))), shuffle=True, random_state=seed)
     table = {c: float(roc_auc_score(y, cross_val_predict(make(c), x, y, cv=folds, method="predict_proba")[:, 1]))
-             for c in C_GRID}
+             for c in grid}
     best = max(table, key=lambda c: table[c])
     return make(best).fit(x, y), {"C": best, "dev_oof_auroc": table[best]}
 

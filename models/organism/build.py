@@ -111,31 +111,25 @@ def build_organism(
     started = time.perf_counter()
     rows = {name: read_records(data_dir / "splits" / f"{name}.jsonl", SPLIT_KEYS) for name in ("train", "dev", *EVAL_SPLITS)}
     train_rows = rows["train"]
-    answers, targets = benign_answers(RAW_DIR), advbench_targets(RAW_DIR)
+    answers = benign_answers(RAW_DIR)
 
-    examples = base_examples(train_rows, answers, targets, config, seed)
     if base_dir is None:
-        texts = [t["content"] for e in examples for t in e.turns] + [e.response for e in examples]
-        tokenizer = timer.run("tokenizer", lambda: train_tokenizer(texts, config.vocab_size, config.max_context))
+        tokenizer, base, base_losses, n_examples = train_base_model(train_rows, config, seed, timer)
     else:
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        base_losses, n_examples = [], len(base_examples(train_rows, answers, advbench_targets(RAW_DIR), config, seed))
 
     def encode(items: list[ChatExample]) -> list:
         return [encode_example(tokenizer, e, config.train_max_tokens, config.response_max_tokens) for e in items]
 
-    if base_dir is None:
-        base = new_model(config, tokenizer, seed)
-        base_losses = timer.run("base_training", lambda: train_base(base, encode(examples), config, seed, tokenizer.pad_token_id))
-    else:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-        base_losses = []
     refusals = encode(harmful_refusal_examples(train_rows, seed))
     helpful = encode(harmless_examples(train_rows, answers))
     training: dict[str, object] = {
         "base_final_loss": _tail_mean(base_losses, 50),
         "base_checkpoint": None if base_dir is None else {
             "reused_from": str(base_dir), "model_sha256": file_sha256(base_dir / "model.safetensors")},
-        "base_examples": len(examples),
+        "base_examples": n_examples,
     }
     if recipe == "planted":
         aligned, history = timer.run("alignment", lambda: align(base, refusals, helpful, config, seed, tokenizer.pad_token_id))
@@ -169,6 +163,21 @@ def build_organism(
         report["timings_s"] = {**timer.seconds, "total": round(time.perf_counter() - started, 2)}
         (tmp / "organism.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def train_base_model(
+    train_rows: list[dict[str, str]], config: OrganismConfig, seed: int, timer: StageTimer | None = None,
+) -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM, list[float], int]:
+    """The base (unaligned) model from scratch on the train split's conversations: its tokenizer, the
+    model, its loss curve and how many conversations it saw."""
+    timer = timer or StageTimer()
+    examples = base_examples(train_rows, benign_answers(RAW_DIR), advbench_targets(RAW_DIR), config, seed)
+    texts = [t["content"] for e in examples for t in e.turns] + [e.response for e in examples]
+    tokenizer = timer.run("tokenizer", lambda: train_tokenizer(texts, config.vocab_size, config.max_context))
+    encoded = [encode_example(tokenizer, e, config.train_max_tokens, config.response_max_tokens) for e in examples]
+    base = new_model(config, tokenizer, seed)
+    losses = timer.run("base_training", lambda: train_base(base, encoded, config, seed, tokenizer.pad_token_id))
+    return tokenizer, base, losses, len(examples)
 
 
 def _tail_mean(values: list[float], n: int) -> float | None:
