@@ -236,6 +236,15 @@ def organism_capacity() -> str:
     t = result["tfidf"]
     rows.append(f"| TF-IDF words on the request text (no organism) | – | {_num(t['dev_oof_auroc'])} "
                 f"| **{_num(t['heldout_auroc'])}** | – |")
+    groups: dict[str, list[float]] = {}
+    for r in result["results"]:
+        shape = "large" if r["parameters"] > 1e7 else "default"
+        trained = "untrained" if r.get("base_steps") == 0 else "trained"
+        groups.setdefault(f"`{shape}`, {trained}", []).append(r["probes"]["all"]["heldout_auroc"])
+    rows += ["", "| base organisms (the rows above) | held-out, all neurons: mean ± sd (min–max, runs) |", "|---|---|"]
+    for name, values in groups.items():
+        s = spread(values)
+        rows.append(f"| {name} | {_num(s['mean'])} ± {_num(s['sd'])} ({_num(min(values))}–{_num(s['max'])}, {s['n']}) |")
     return "\n".join(rows) + "\n"
 
 

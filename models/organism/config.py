@@ -54,8 +54,8 @@ class OrganismConfig:
 PRESETS: dict[str, OrganismConfig] = {
     "default": OrganismConfig(),
     # 3x the parameters (15.7M), for the capacity study (`bench.organism_capacity`, docs/benchmarks.md):
-    # trained, probes on its activations separate held-out sources as well as TF-IDF on the text, and no
-    # better than random weights of the default shape can.
+    # trained, probes on its activations separate held-out sources as well as TF-IDF on the text, within
+    # the spread of untrained (random) networks of the default shape.
     # Its base trains in about 3x the time of `default`'s; 63 MB per fp32 checkpoint.
     "large": OrganismConfig(hidden_size=384, intermediate_size=1536, num_layers=6, num_heads=6),
     # The whole code path in well under a minute: used by the tests.
