@@ -21,7 +21,6 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,12 @@ from bench.text_encoder_baseline import request_text
 from neuronguard.detector.features import last_token_features
 from neuronguard.detector.text_baseline import fit_best_c, fit_text_baseline, score_texts
 from neuronguard.models.artifact.neurons import NeuronSelection
-from neuronguard.models.prompts import row_request
 from neuronguard.models.jsonl import read_records
 from neuronguard.models.loading import LoadedModel, load_model
 from neuronguard.models.organism import DATA_DIR
 from neuronguard.models.organism.build import SPLIT_KEYS, train_base_model
 from neuronguard.models.organism.config import get_config
+from neuronguard.models.prompts import row_request
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench/results/organism_capacity.json"
@@ -56,6 +55,10 @@ def _labels(rows: list[dict[str, Any]]) -> np.ndarray:
     return np.array([int(r["label"] == "harmful") for r in rows])
 
 
+def _probe(c: float) -> Any:
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
+
+
 def probe_aurocs(model: LoadedModel, dev: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Dev out-of-fold and held-out AUROC of probes on every neuron ("all") and on each layer ("L0", ...)."""
     selection = NeuronSelection.all(model.sites)
@@ -66,9 +69,7 @@ def probe_aurocs(model: LoadedModel, dev: list[dict[str, Any]], heldout: list[di
     columns = {"all": np.arange(x_dev.shape[1])} | {f"L{layer}": np.flatnonzero(layers == layer) for layer in np.unique(layers)}
     out = {}
     for name, cols in columns.items():
-        def make(c: float) -> Any:
-            return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
-        probe, info = fit_best_c(make, x_dev[:, cols], y_dev, grid=PROBE_C)
+        probe, info = fit_best_c(_probe, x_dev[:, cols], y_dev, grid=PROBE_C)
         held = float(roc_auc_score(y_held, probe.predict_proba(x_held[:, cols])[:, 1]))
         out[name] = {"C": info["C"], "dev_oof_auroc": round(info["dev_oof_auroc"], 4), "heldout_auroc": round(held, 4)}
     return out
