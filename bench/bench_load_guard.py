@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 from bench.load_test import served_files, launched, mixed_workload, run_load
-
-
+from bench.run_record import emit
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,6 +34,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--engine", choices=("batched", "serial"), default=None)
     parser.add_argument("--mode", choices=("flag", "patch"), default="flag", help="the guarded server's guard mode")
+    parser.add_argument("--out", type=Path, help="also write the result, with its run record, to this JSON file")
     args = parser.parse_args()
     modes = (args.mode, "off")
     tmp = Path(tempfile.mkdtemp(prefix="neuronguard-load-guard-"))
@@ -55,7 +54,7 @@ def main() -> None:
                 failures += report.mismatches + report.errors
                 rounds[mode].append(report.summary())
     ratios = [off["tokens_per_s"] / guarded["tokens_per_s"] for guarded, off in zip(rounds[args.mode], rounds["off"])]
-    print(json.dumps({
+    emit({
         "clients": args.clients, "requests_per_round": args.clients * args.requests, "max_tokens": args.max_tokens,
         "engine": args.engine or "server default", "guarded_mode": args.mode,
         "tokens_per_s": {m: [r["tokens_per_s"] for r in rounds[m]] for m in modes},
@@ -63,7 +62,7 @@ def main() -> None:
         "guarded_over_unguarded_time_per_token": {"median": round(statistics.median(ratios), 3),
                                         "per_round_pair": [round(r, 3) for r in ratios]},
         "mismatches_and_errors": len(failures),
-    }, indent=2))
+    }, args.out)
     for line in failures[:5]:
         print("FAIL:", line)
     raise SystemExit(1 if failures else 0)

@@ -44,6 +44,7 @@ from typing import Any
 
 import httpx
 
+from bench.run_record import emit
 from neuronguard.models.chat import Request, as_messages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,6 +306,8 @@ def main() -> None:
     parser.add_argument("--guard-mode", default=None, help="the server's guard mode, e.g. off for the unguarded baseline")
     parser.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
     parser.add_argument("--tiny", action="store_true", help="serve the tiny random model with its planted bundle")
+    parser.add_argument("--out", type=Path, help="also write the result, with its run record, to this JSON file "
+                                                "(bench/results/concurrency/ feeds the docs' tables)")
     args = parser.parse_args()
     client_counts = [int(c) for c in str(args.clients).split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="neuronguard-load-"))
@@ -323,13 +326,13 @@ def main() -> None:
         hooks_after = metric(base, "neuronguard_registered_hooks")
     growth = rss[-1] - rss[1]  # after the first round: allocator and caches are warm
     result = {"engine": args.engine or "server default", "guard_mode": args.guard_mode or "server default",
-              "clients": client_counts, "requests_per_round": total, "max_queue": args.max_queue,
+              "clients": client_counts, "requests_per_round": total, "max_tokens": args.max_tokens, "max_queue": args.max_queue,
               "rounds": [dict(clients=c, **r.summary()) for c, r in
                          zip([c for c in client_counts for _ in range(args.rounds)], reports)],
               "registered_hooks_before_after": [hooks_before, hooks_after],
               "rss_mb": [round(r, 1) for r in rss], "rss_growth_after_warmup_mb": round(growth, 1),
               "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    print(json.dumps(result, indent=2))
+    emit(result, args.out)
     for r in reports:
         for line in (r.mismatches + r.errors)[:5]:
             print("FAIL:", line, file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Efficacy tables rendered from the shipped organisms' reports, so the docs cannot drift.
+"""Efficacy and serving tables rendered from the shipped reports and stored results, so the docs cannot drift.
 
     python -m bench.report_tables --write     # re-render every generated block in README.md and docs/
     python -m bench.report_tables --check     # exit 1 if a block differs from the reports
@@ -10,7 +10,8 @@ control) and the same under `models/organism/learned/` (learned pair); the tunin
 `neuronguard eval` results under `models/tuning/results/<organism>/eval.json`
 (`scripts/robustness_experiment.sh`); the text baselines of `bench/text_encoder_baseline.py`
 (`bench/results/text_encoder_baseline.json`); the capacity study of `bench/organism_capacity.py`
-(`bench/results/organism_capacity.json`).
+(`bench/results/organism_capacity.json`); the concurrent-client runs of `bench/load_test.py` and
+`bench/bench_load_guard.py` (`bench/results/concurrency/`, rendered by `bench.serving_tables`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.serving_tables import concurrency, load_guard, serving_verdicts
 from neuronguard.detector.sweeps import spread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +257,8 @@ def _rel(path: Path) -> str:
 RENDERERS: dict[str, Callable[[], str]] = {"guard-headline": guard_headline, "guard-detail": guard_detail,
                                            "causal": causal, "organisms": organisms, "tuning": tuning,
                                            "tuning-verdicts": tuning_verdicts, "text-baselines": text_baselines,
-                                           "organism-capacity": organism_capacity}
+                                           "organism-capacity": organism_capacity, "concurrency": concurrency,
+                                           "load-guard": load_guard, "serving-verdicts": serving_verdicts}
 
 
 def render_file(text: str) -> str:

@@ -62,3 +62,24 @@ def test_readme_example_scores_thresholds_and_neurons_are_the_shipped_bundles() 
     thresholds = re.findall(r'"threshold": ([0-9.]+)', section)
     assert thresholds and all(_printed_equal(t, probe.threshold) for t in thresholds), (thresholds, probe.threshold)
     assert {int(n) for n in re.findall(r'"neurons_used": (\d+)', section)} == {probe.k}
+
+
+def test_serving_verdicts_count_the_runs_that_meet_each_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The concurrency table's verdict line counts runs per machine against the targets, never the best run alone."""
+    import json
+
+    from bench import serving_tables
+
+    run = {"command": "python -m bench.load_test", "machine": {"cpu": "Test CPU", "logical_cpus": 2, "arch": "x86_64"},
+           "torch": "x", "commit": "abc"}
+    for i, (one, many, mismatches) in enumerate([(100.0, 650.0, 0), (100.0, 550.0, 2)]):
+        rounds = [{"clients": 1, "tokens_per_s": one, "p50_ttft_s": 0.010, "mismatches": 0, "errors": 0},
+                  {"clients": 32, "tokens_per_s": many, "p50_ttft_s": 0.025 + 0.01 * i, "mismatches": mismatches, "errors": 0}]
+        (tmp_path / f"load_test-{i}.json").write_text(json.dumps(
+            {"guard_mode": "flag", "max_tokens": 16, "rounds": rounds, "run": {**run, "utc": f"2026-01-0{i + 1}T00:00Z"}}))
+    monkeypatch.setattr(serving_tables, "RESULTS", tmp_path)
+    table = serving_tables.concurrency()
+    assert "| **6.50** |" in table and "| **5.50** |" in table
+    verdict = table.strip().splitlines()[-1]
+    assert verdict == ("- Test CPU, 2 cores: throughput 5.50–6.50× one client (≥ 6×: **met in 1 of 2 runs**); "
+                       "p50 time to first token 2.5–3.5× one client's (≤ 3×: **met in 1 of 2 runs**); 2 mismatches and errors.")
