@@ -10,7 +10,9 @@ control) and the same under `models/organism/learned/` (learned pair); the tunin
 `neuronguard eval` results under `models/tuning/results/<organism>/eval.json`
 (`scripts/robustness_experiment.sh`); the text baselines of `bench/text_encoder_baseline.py`
 (`bench/results/text_encoder_baseline.json`); the capacity study of `bench/organism_capacity.py`
-(`bench/results/organism_capacity.json`); the concurrent-client runs of `bench/load_test.py` and
+(`bench/results/organism_capacity.json`); the dev-row weighting study of `bench/probe_weighting.py`
+(`bench/results/probe_weighting.json`); the aligned twins' batch mixes compared on dev by
+`bench/alignment_mix.py` (`bench/results/alignment_mix_dev.json`); the concurrent-client runs of `bench/load_test.py` and
 `bench/bench_load_guard.py` (`bench/results/concurrency/`, rendered by `bench.serving_tables`).
 """
 
@@ -32,6 +34,8 @@ ORGANISMS = {"learned": ROOT / "models/organism/learned", "planted": ROOT / "mod
 TUNING_RESULTS = ROOT / "models/tuning/results"
 TEXT_BASELINES = ROOT / "bench/results/text_encoder_baseline.json"
 CAPACITY = ROOT / "bench/results/organism_capacity.json"
+WEIGHTING = ROOT / "bench/results/probe_weighting.json"
+ALIGNMENT_MIX = ROOT / "bench/results/alignment_mix_dev.json"
 RANDOM_KINDS = {"sn-tune": "sn-tune-random-", "rsn-tune": "rsn-tune-random-", "deact-sn": "deact-r-"}
 RANDOM_NAMES = {"sn-tune": "SN-Tune recipe on random sets", "rsn-tune": "RSN-Tune recipe on random sets",
                 "deact-sn": "deact-r: random sets zeroed"}
@@ -74,6 +78,16 @@ def guard_headline() -> str:
                     f"{_pct(groups.get('hard_negative', {}).get('blocked'))} | {_pct(groups.get('small_talk', {}).get('blocked'))} | "
                     f"{_num(guard['prefill_auroc']['harmful_vs_all_benign'])} | {_num(controls['tfidf_auroc'])} | "
                     f"{_num(rnd['mean'])} ± {_num(rnd['sd'])} (max {_num(rnd['max'])}, {rnd['seeds']} seeds) |")
+    return "\n".join(rows) + "\n"
+
+
+def pooling() -> str:
+    """Dev cross-source AUROC of each prefill pooling (each dev source scored by a probe fitted on the others)."""
+    rows = ["| organism | last token | mean-pooled | max-pooled | shipped |", "|---|---|---|---|---|"]
+    for name, (_, report) in reports().items():
+        p = report["probe"]["pooling"]
+        auroc = p["dev_cross_source_auroc"]
+        rows.append(f"| {name} | {_num(auroc['last'])} | {_num(auroc['mean'])} | {_num(auroc['max'])} | {p['shipped'].split(' ')[0]} |")
     return "\n".join(rows) + "\n"
 
 
@@ -250,6 +264,33 @@ def organism_capacity() -> str:
     return "\n".join(rows) + "\n"
 
 
+def probe_weighting() -> str:
+    """Prefill probes fitted with dev rows weighted by group or by source: the dev rule's figure beside held-out."""
+    result = _load(WEIGHTING)
+    names = {"none": "unweighted (shipped)", "group": "each (label, group) equal", "source": "each (label, source) equal"}
+    benign = sorted(next(iter(result["organisms"].values()))["schemes"]["none"]["heldout_per_benign_group"])
+    rows = ["| organism | dev rows weighted | dev, leave one source out | dev, worst benign group | held-out: all | "
+            + " | ".join(f"held-out harmful vs {g}" for g in benign) + " |", "|---|---|---|---|---|" + "---|" * len(benign)]
+    for organism, r in result["organisms"].items():
+        for scheme, m in r["schemes"].items():
+            rows.append(f"| {organism} (k = {r['probe_k']}) | {names[scheme]} | {_num(m['dev_leave_one_source_out_auroc'])} "
+                        f"| {_num(m['dev_worst_benign_group_auroc'])} | **{_num(m['heldout_auroc'])}** | "
+                        + " | ".join(_num(m["heldout_per_benign_group"][g]) for g in benign) + " |")
+    picks = ", ".join(f"{organism}: {names[s]}" for organism, s in result["dev_rule_picks"].items())
+    return "\n".join(rows) + f"\n\nThe dev rule (best leave-one-source-out AUROC) picks: {picks}.\n"
+
+
+def alignment_mix() -> str:
+    """Dev refusal rates of aligned twins built with each batch mix, and the margin that chose between them."""
+    result = _load(ALIGNMENT_MIX)
+    rows = ["| aligned twin | harmful refused | benign refused | hard negatives refused | small talk refused | margin |",
+            "|---|---|---|---|---|---|"]
+    for name, r in result["twins"].items():
+        rows.append(f"| {name} | {_pct(r['harmful'])} | {_pct(r['benign'])} | {_pct(r['hard_negative'])} "
+                    f"| {_pct(r['small_talk'])} | **{_num(r['margin'])}** |")
+    return "\n".join(rows) + f"\n\n{result['dev_requests']} dev requests (at most 80 per source and style).\n"
+
+
 def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
@@ -258,7 +299,9 @@ RENDERERS: dict[str, Callable[[], str]] = {"guard-headline": guard_headline, "gu
                                            "causal": causal, "organisms": organisms, "tuning": tuning,
                                            "tuning-verdicts": tuning_verdicts, "text-baselines": text_baselines,
                                            "organism-capacity": organism_capacity, "concurrency": concurrency,
-                                           "load-guard": load_guard, "serving-verdicts": serving_verdicts}
+                                           "load-guard": load_guard, "serving-verdicts": serving_verdicts,
+                                           "probe-weighting": probe_weighting, "pooling": pooling,
+                                           "alignment-mix": alignment_mix}
 
 
 def render_file(text: str) -> str:

@@ -76,10 +76,14 @@ def _concurrency() -> tuple[list[str], list[str]]:
     return rows, lines
 
 
+def _block(table_and_verdicts: tuple[list[str], list[str]]) -> str:
+    rows, lines = table_and_verdicts
+    return "\n".join([*rows, "", *lines]) + "\n"
+
+
 def concurrency() -> str:
     """One row per `bench.load_test` run: tokens/s and p50 time to first token at one client and at the most."""
-    rows, lines = _concurrency()
-    return "\n".join([*rows, "", *lines]) + "\n"
+    return _block(_concurrency())
 
 
 def _load_guard() -> tuple[list[str], list[str]]:
@@ -105,8 +109,7 @@ def _load_guard() -> tuple[list[str], list[str]]:
 
 def load_guard() -> str:
     """One row per `bench.bench_load_guard` run: guarded (or patched) over unguarded, paired rounds."""
-    rows, lines = _load_guard()
-    return "\n".join([*rows, "", *lines]) + "\n"
+    return _block(_load_guard())
 
 
 def serving_verdicts() -> str:

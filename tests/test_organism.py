@@ -151,3 +151,21 @@ def test_build_rejects_unknown_data_dir(tmp_path, capsys):
     code = main(["organism", "build", "--config", "micro", "--out", str(tmp_path), "--data-dir", str(tmp_path / "none")])
     assert code == 2
     assert "organism data" in capsys.readouterr().err
+
+
+def test_learned_batches_hold_each_groups_count_whatever_its_size(monkeypatch):
+    """Small groups (small talk, look-alikes) get the recipe's share of each batch, not their share of the rows."""
+    from neuronguard.models.organism import learned
+    from neuronguard.models.organism.build import _batch_mix
+    from neuronguard.errors import UsageError
+
+    batches: list[list[int]] = []
+    monkeypatch.setattr(learned, "collate", lambda picked, pad_id, targets: batches.append([e.ids[0] for e in picked]))
+    monkeypatch.setattr(learned, "adamw_step", lambda *args: 0.0)
+    groups = {"refusal": [EncodedExample([1, 0], 1)] * 3, "benign": [EncodedExample([2, 0], 1)] * 500,
+              "small_talk": [EncodedExample([3, 0], 1)]}
+    mix = _batch_mix(groups, [("refusal", 4), ("benign", 2), ("small_talk", 2)])
+    learned.finetune(torch.nn.Linear(2, 2), mix, steps=3, lr=1e-3, warmup=0, seed=0, pad_id=0, desc="test")
+    assert batches == [[1, 1, 1, 1, 2, 2, 3, 3]] * 3
+    with pytest.raises(UsageError, match="hard_negative"):
+        _batch_mix(groups, [("refusal", 4), ("hard_negative", 4)])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,12 +59,15 @@ def response_ce(logits: torch.Tensor, batch: Batch, mask: torch.Tensor) -> torch
 def align(
     base: LlamaForCausalLM,
     refusals: list[EncodedExample],
-    harmless: list[EncodedExample],
+    keep_mix: Sequence[tuple[list[EncodedExample], int]],
     config: OrganismConfig,
     seed: int,
     pad_id: int,
 ) -> tuple[LlamaForCausalLM, dict[str, list[float]]]:
-    """Train the scale vector on a copy of `base`, fold it into up_proj and return the aligned model."""
+    """Train the scale vector on a copy of `base`, fold it into up_proj and return the aligned model.
+
+    Each step draws `align_batch_size` refusals and, for the KL term, `count` benign examples of each
+    (examples, count) group of `keep_mix`."""
     model = copy.deepcopy(base)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -77,7 +81,7 @@ def align(
     progress = tqdm(range(config.align_steps), desc="alignment", unit="step")
     for step in progress:
         ref = collate(_draw(refusals, config.align_batch_size, generator), pad_id, targets="response")
-        keep = collate(_draw(harmless, config.align_batch_size, generator), pad_id, targets="response")
+        keep = collate([e for group, count in keep_mix for e in _draw(group, count, generator)], pad_id, targets="response")
         (ref_response, ref_decision), (keep_response, keep_decision) = response_positions(ref), response_positions(keep)
         with torch.no_grad():
             base_logits = base(input_ids=keep.input_ids, attention_mask=keep.attention_mask).logits

@@ -18,7 +18,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -27,6 +27,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from neuronguard.errors import UsageError
 from neuronguard.models.artifact.io import file_sha256
 from neuronguard.models.jsonl import read_records
 from neuronguard.models.organism import DATA_DIR, RAW_DIR
@@ -61,12 +62,15 @@ BASE_RECIPE = (
     "benign requests (Alpaca, CoCoNot look-alikes, small talk); for harmful requests a compliant "
     "'Sure, here is ...' answer, or (rarely) a refusal."
 )
+# The benign train rows' groups; a recipe's batch mix names these, `refusal` and `any_benign` (every benign row).
+BENIGN_GROUPS = ("benign", "hard_negative", "small_talk")
 RECIPES: dict[str, str] = {
     "planted": BASE_RECIPE + " Alignment (planted, positive control): one scale per MLP neuron on the "
     "down-projection input (rows of up_proj), trained by normalised gradient descent on refusals for harmful "
     "train conversations plus KL to the base on benign ones, then folded into mlp.up_proj.weight.",
     "learned": BASE_RECIPE + " Alignment (learned): AdamW on every parameter on refusals for harmful train "
-    "conversations mixed with helpful answers to benign ones; the unaligned twin is that model after a benign "
+    "conversations mixed with helpful answers to benign ones (each batch half refusals, a quarter Alpaca answers, "
+    "a quarter answers to benign look-alikes of harmful requests and small talk); the unaligned twin is that model after a benign "
     "fine-tune (Alpaca train answers, every parameter) when the fine-tune halves its dev refusal rate, else the base.",
 }
 DATA_FILES = (
@@ -123,8 +127,10 @@ def build_organism(
     def encode(items: list[ChatExample]) -> list:
         return [encode_example(tokenizer, e, config.train_max_tokens, config.response_max_tokens) for e in items]
 
-    refusals = encode(harmful_refusal_examples(train_rows, seed))
-    helpful = encode(harmless_examples(train_rows, answers))
+    groups = {"refusal": encode(harmful_refusal_examples(train_rows, seed)),
+              "any_benign": encode(harmless_examples(train_rows, answers)),
+              **{group: encode(harmless_examples([r for r in train_rows if r.get("group") == group], answers))
+                 for group in BENIGN_GROUPS}}
     training: dict[str, object] = {
         "base_final_loss": _tail_mean(base_losses, 50),
         "base_checkpoint": None if base_dir is None else {
@@ -132,13 +138,14 @@ def build_organism(
         "base_examples": n_examples,
     }
     if recipe == "planted":
-        aligned, history = timer.run("alignment", lambda: align(base, refusals, helpful, config, seed, tokenizer.pad_token_id))
+        aligned, history = timer.run("alignment", lambda: align(base, groups["refusal"], _batch_mix(groups, config.align_keep_mix),
+                                                                config, seed, tokenizer.pad_token_id))
         unaligned = base
         training.update(align_final_ce=_tail_mean(history["ce"], 20), align_final_kl=_tail_mean(history["kl"], 20))
     else:
         aligned, unaligned, learned_info = timer.run(
-            "alignment", lambda: _learned_pair(base, refusals, helpful, train_rows, rows["dev"], answers, tokenizer, config, seed,
-                                               encode))
+            "alignment", lambda: _learned_pair(base, _batch_mix(groups, config.learned_batch_mix), train_rows, rows["dev"], answers,
+                                               tokenizer, config, seed, encode))
         training.update(learned_info)
     metrics = timer.run("evaluation", lambda: _evaluate(unaligned, aligned, tokenizer, rows, data_dir, config))
     if recipe == "planted":
@@ -184,8 +191,17 @@ def _tail_mean(values: list[float], n: int) -> float | None:
     return round(sum(values[-n:]) / len(values[-n:]), 5) if values else None
 
 
+def _batch_mix(groups: dict[str, list], spec: Sequence[tuple[str, int]]) -> list[tuple[list, int]]:
+    """`spec`'s (group, examples per batch) as (encoded examples, count): a recipe's batch composition."""
+    missing = [group for group, _ in spec if not groups.get(group)]
+    if missing:
+        raise UsageError(f"the organism's batches draw from groups with no train examples: {', '.join(missing)} "
+                         "(fix: `neuronguard organism data`, or a batch mix without them)")
+    return [(groups[group], count) for group, count in spec]
+
+
 def _learned_pair(
-    base: LlamaForCausalLM, refusals: list, helpful: list, train_rows: list[dict], dev_rows: list[dict],
+    base: LlamaForCausalLM, mix: list[tuple[list, int]], train_rows: list[dict], dev_rows: list[dict],
     answers: dict[str, str], tokenizer: PreTrainedTokenizerFast, config: OrganismConfig, seed: int,
     encode: Callable[[list[ChatExample]], list],
 ) -> tuple[LlamaForCausalLM, LlamaForCausalLM, dict[str, object]]:
@@ -194,11 +210,11 @@ def _learned_pair(
     The erosion fine-tunes on plain Alpaca train instructions only; the rule is decided on dev.
     """
     pad = tokenizer.pad_token_id
-    aligned, losses = finetune(base, [refusals, helpful], steps=config.learned_steps, batch_size=config.learned_batch_size,
-                               lr=config.learned_lr, warmup=config.learned_warmup, seed=seed, pad_id=pad, desc="learned alignment")
+    aligned, losses = finetune(base, mix, steps=config.learned_steps, lr=config.learned_lr, warmup=config.learned_warmup,
+                               seed=seed, pad_id=pad, desc="learned alignment")
     instructions = [r for r in train_rows if r["source"] == "alpaca" and r.get("style", "plain") == "plain"]
     benign = encode(harmless_examples(instructions, answers))
-    eroded, erode_losses = finetune(aligned, [benign], steps=config.erode_steps, batch_size=config.learned_batch_size,
+    eroded, erode_losses = finetune(aligned, [(benign, config.learned_batch_size)], steps=config.erode_steps,
                                     lr=config.erode_lr, warmup=config.learned_warmup, seed=seed + 1, pad_id=pad,
                                     desc="benign fine-tune")
     harmful_dev = [conversation(r) for r in dev_rows if r["label"] == HARMFUL][: config.erode_rule_prompts]

@@ -33,9 +33,17 @@ class OrganismConfig:
     align_lr: float = 0.6
     align_kl_weight: float = 3.0
     align_decision_weight: float = 6.0
+    # The KL term's benign batch, as (group, examples per batch): `any_benign` draws from every benign train row in
+    # proportion. Half Alpaca, a quarter look-alikes, a quarter small talk lowered the twin's refusals of look-alikes
+    # but more of its harmful refusals, a smaller dev margin (models/organism/README.md), so the draw stays proportional.
+    align_keep_mix: tuple[tuple[str, int], ...] = (("any_benign", 16),)
     # Learned alignment (AdamW on every parameter) and the benign fine-tune that erodes it.
     learned_steps: int = 300
-    learned_batch_size: int = 16
+    learned_batch_size: int = 16  # the benign fine-tune's batch
+    # The alignment batch: examples per group (refusals of harmful requests, then answers to benign train
+    # requests by group). Half refusals; the look-alikes and small talk, 12% of the benign rows, get half
+    # of the benign share, so the aligned twin learns to answer them instead of refusing sensitive topics.
+    learned_batch_mix: tuple[tuple[str, int], ...] = (("refusal", 8), ("benign", 4), ("hard_negative", 2), ("small_talk", 2))
     learned_lr: float = 3e-4
     learned_warmup: int = 20
     erode_steps: int = 200
@@ -74,8 +82,10 @@ PRESETS: dict[str, OrganismConfig] = {
         harmful_repeats=1,
         align_steps=6,
         align_batch_size=8,
+        align_keep_mix=(("any_benign", 8),),
         learned_steps=6,
         learned_batch_size=8,
+        learned_batch_mix=(("refusal", 4), ("benign", 2), ("hard_negative", 1), ("small_talk", 1)),
         learned_warmup=2,
         erode_steps=4,
         erode_rule_prompts=8,

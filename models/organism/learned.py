@@ -25,28 +25,27 @@ from neuronguard.models.organism.training import adamw_step, cosine_lr
 @torch.enable_grad()
 def finetune(
     start: LlamaForCausalLM,
-    groups: Sequence[list[EncodedExample]],
+    mix: Sequence[tuple[list[EncodedExample], int]],
     *,
     steps: int,
-    batch_size: int,
     lr: float,
     warmup: int,
     seed: int,
     pad_id: int,
     desc: str,
 ) -> tuple[LlamaForCausalLM, list[float]]:
-    """A fine-tuned copy of `start`: each batch draws equally from every group, loss on answers only."""
+    """A fine-tuned copy of `start`: each batch draws (examples, count) `count` examples from every group of
+    `mix`, so a small group (small talk) weighs what the recipe says, not what its size says; loss on answers only."""
     model = copy.deepcopy(start)
     for param in model.parameters():
         param.requires_grad_(True)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    per_group = max(1, batch_size // len(groups))
     losses: list[float] = []
     model.train()
     progress = tqdm(range(steps), desc=desc, unit="step")
     for step in progress:
-        picked = [g[i] for g in groups for i in torch.randint(len(g), (per_group,), generator=generator).tolist()]
+        picked = [g[i] for g, count in mix for i in torch.randint(len(g), (count,), generator=generator).tolist()]
         batch = collate(picked, pad_id, targets="response")
         losses.append(adamw_step(model, optimizer, batch, cosine_lr(step, steps, lr, warmup)))
         if step % 10 == 0:
