@@ -26,6 +26,7 @@ from pathlib import Path
 from bench.load_test import served_files, launched, mixed_workload, run_load
 from bench.run_record import emit
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)

@@ -18,6 +18,8 @@ planted bundle (testkit/server_fixtures.py), in a `neuronguard serve` subprocess
     .venv/bin/python -m bench.load_test --engine batched --clients 1,32 --rounds 1
     .venv/bin/python -m bench.load_test --engine batched --clients 32 --guard-mode off   # unguarded
     .venv/bin/python -m bench.load_test --tiny ...          # the tiny model even when the organism is built
+    .venv/bin/python -m bench.load_test --clients 1,32 --out bench/results/concurrency/load_test-DATE-MODE.json
+                                                            # also store it, with command, machine and commit
 
 `tests/test_reliability_load.py` runs the same checks in a reduced form in CI.
 """

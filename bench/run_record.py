@@ -9,13 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from importlib.metadata import version
 import platform
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +52,7 @@ def run_record() -> dict[str, Any]:
     """The command line, UTC time, machine and commit of this process."""
     return {"command": _command(), "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
             "machine": {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "arch": platform.machine()},
-            "torch": torch.__version__, "commit": _commit()}
+            "torch": version("torch"), "commit": _commit()}  # the version without importing torch into a load client
 
 
 def emit(result: dict[str, Any], out: Path | None) -> None:
