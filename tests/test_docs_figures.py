@@ -83,3 +83,18 @@ def test_serving_verdicts_count_the_runs_that_meet_each_target(tmp_path: Path, m
     verdict = table.strip().splitlines()[-1]
     assert verdict == ("- Test CPU, 2 cores: throughput 5.50–6.50× one client (≥ 6×: **met in 1 of 2 runs**); "
                        "p50 time to first token 2.5–3.5× one client's (≤ 3×: **met in 1 of 2 runs**); 2 mismatches and errors.")
+
+
+def test_weighting_study_gives_every_cell_of_a_label_the_same_total() -> None:
+    """The probe-weighting table compares fits whose dev cells count equally; `none` leaves every row at 1."""
+    import numpy as np
+
+    from bench.probe_weighting import cell_weights
+
+    labels = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    cells = np.array(["a", "a", "b", "x", "x", "x", "x", "y"])
+    weights = cell_weights(labels, cells, "group")
+    totals = {(lab, c): weights[(labels == lab) & (cells == c)].sum() for lab, c in set(zip(labels, cells))}
+    assert np.isclose(totals[(1, "a")], totals[(1, "b")]) and np.isclose(totals[(0, "x")], totals[(0, "y")])
+    assert np.isclose(weights.mean(), 1.0)
+    assert (cell_weights(labels, cells, "none") == 1).all()
