@@ -32,7 +32,8 @@ from neuronguard.server.app import create_app
 from neuronguard.server.runtime import Runtime
 from neuronguard.server.settings import Settings
 from testkit.server_fixtures import HARMFUL, HARMLESS, api_client, sse_events
-from testkit.server_support import anyio_backend, app_for, bundle_path, chat, runtime, settings  # noqa: F401 - fixtures
+from testkit.server_support import (  # noqa: F401 - fixtures
+    anyio_backend, app_for, bundle_path, chat, runtime, same_up_to_rounding, settings)
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,31 +73,22 @@ def workload(n: int) -> list[dict[str, Any]]:
 def comparable(response: httpx.Response) -> Any:
     """What must not depend on the engine or the load: status, text, finish reason, guard report.
 
-    Probe scores are rounded: a packed step sums the readout in another order than a batch
-    of one (differences ~1e-7), while decisions, tokens and text must be identical.
+    Compare with `same_up_to_rounding`: probe scores may differ by rounding (see there).
     """
     if response.headers["content-type"].startswith("text/event-stream"):
         events = sse_events(response.text)
         text = "".join(c["delta"].get("content") or "" for e in events[:-1] if "choices" in e for c in e["choices"])
         finish = [c.get("finish_reason") for e in events[:-1] if "choices" in e for c in e["choices"] if c.get("finish_reason")]
-        return response.status_code, text, finish, _rounded([e.get("guard") for e in events[:-1] if e.get("guard")])
+        return response.status_code, text, finish, [e.get("guard") for e in events[:-1] if e.get("guard")]
     body = response.json()
     for volatile in ("id", "created"):
         body.pop(volatile, None)
-    return response.status_code, _rounded(body)
-
-
-def _rounded(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: round(v, 5) if k == "score" else _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
+    return response.status_code, body
 
 
 def assert_same(responses: list[httpx.Response], expected: list[Any]) -> None:
     for i, (response, alone_outcome) in enumerate(zip(responses, expected, strict=True)):
-        assert comparable(response) == alone_outcome, f"request {i}"
+        assert same_up_to_rounding(comparable(response), alone_outcome), f"request {i}"
 
 
 async def alone(runtime: Runtime, settings: Settings, bodies: list[dict[str, Any]]) -> list[Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +24,8 @@ from neuronguard.server.app import create_app
 from neuronguard.server.runtime import Runtime, load_runtime, preflight
 from neuronguard.server.settings import Settings
 from testkit.server_fixtures import HARMFUL, HARMLESS, STREAM_K, api_client, sse_events
-from testkit.server_support import anyio_backend, app_for, bundle_path, runtime, settings  # noqa: F401 - fixtures
+from testkit.server_support import (  # noqa: F401 - fixtures
+    anyio_backend, app_for, bundle_path, runtime, same_up_to_rounding, settings)
 from testkit.tiny_models import build_tiny
 
 pytestmark = pytest.mark.anyio
@@ -278,17 +278,6 @@ def test_bundle_for_another_model_stops_start_up(settings, tmp_path, capsys) -> 
     assert "built for another model" in capsys.readouterr().err
 
 
-def _rounded(value: Any) -> Any:
-    """Floats to 6 decimals, in nested bodies: a probe score summed in a batch differs from alone by rounding."""
-    if isinstance(value, float):
-        return round(value, 6)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_rounded(v) for v in value]
-    return value
-
-
 @pytest.mark.parametrize("engine", ["serial", "batched"])
 async def test_concurrent_requests_never_see_each_others_hooks(runtime, settings, engine) -> None:
     requests = [
@@ -303,16 +292,18 @@ async def test_concurrent_requests_never_see_each_others_hooks(runtime, settings
 
     def comparable(response: httpx.Response):
         if response.headers["content-type"].startswith("text/event-stream"):
-            return _rounded([(e["choices"], e.get("guard")) for e in sse_events(response.text)[:-1]])
+            return [(e["choices"], e.get("guard")) for e in sse_events(response.text)[:-1]]
         body = response.json()
         for volatile in ("id", "created", "latency_ms"):
             body.pop(volatile, None)
-        return _rounded(body)
+        return body
 
     async with api_client(app_for(runtime, settings, engine=engine)) as client:
         alone = [comparable(await client.post(path, json=body)) for path, body in requests]
         together = await asyncio.gather(*(client.post(path, json=body) for path, body in requests * 2))
-    assert [comparable(r) for r in together] == alone * 2
+    outcomes, expected = [comparable(r) for r in together], alone * 2
+    differ = [i for i, (got, want) in enumerate(zip(outcomes, expected)) if not same_up_to_rounding(got, want)]
+    assert not differ, [(outcomes[i], expected[i]) for i in differ[:2]]
     assert count_hooks(runtime.loaded.model) == 0 and count_hooks(runtime.patch_source.model) == 0
 
 
