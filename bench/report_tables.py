@@ -12,8 +12,9 @@ control) and the same under `models/organism/learned/` (learned pair); the tunin
 (`bench/results/text_encoder_baseline.json`); the capacity study of `bench/organism_capacity.py`
 (`bench/results/organism_capacity.json`); the dev-row weighting study of `bench/probe_weighting.py`
 (`bench/results/probe_weighting.json`); the aligned twins' batch mixes compared on dev by
-`bench/alignment_mix.py` (`bench/results/alignment_mix_dev.json`); the concurrent-client runs of `bench/load_test.py` and
-`bench/bench_load_guard.py` (`bench/results/concurrency/`, rendered by `bench.serving_tables`).
+`bench/alignment_mix.py` (`bench/results/alignment_mix_dev.json`); the concurrent-client runs of
+`bench/load_test.py` and `bench/bench_load_guard.py` (`bench/results/concurrency/`, rendered by
+`bench.serving_tables`).
 """
 
 from __future__ import annotations
