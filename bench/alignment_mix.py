@@ -26,12 +26,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neuronguard.models.jsonl import read_records
 from neuronguard.models.organism import DATA_DIR
+from neuronguard.models.organism.build import BENIGN_GROUPS
 from neuronguard.models.organism.corpus import conversation
 from neuronguard.models.organism.evaluation import eval_subset, greedy_responses, refusal_report
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench/results/alignment_mix_dev.json"
-BENIGN_GROUPS = ("benign", "hard_negative", "small_talk")
 
 
 def dev_rates(path: Path, rows: list[dict], name: str) -> dict[str, float]:

@@ -127,10 +127,8 @@ def build_organism(
     def encode(items: list[ChatExample]) -> list:
         return [encode_example(tokenizer, e, config.train_max_tokens, config.response_max_tokens) for e in items]
 
-    groups = {"refusal": encode(harmful_refusal_examples(train_rows, seed)),
-              "any_benign": encode(harmless_examples(train_rows, answers)),
-              **{group: encode(harmless_examples([r for r in train_rows if r.get("group") == group], answers))
-                 for group in BENIGN_GROUPS}}
+    mix = config.align_keep_mix if recipe == "planted" else config.learned_batch_mix
+    groups = _encoded_groups({"refusal", *(group for group, _ in mix)}, train_rows, answers, seed, encode)
     training: dict[str, object] = {
         "base_final_loss": _tail_mean(base_losses, 50),
         "base_checkpoint": None if base_dir is None else {
@@ -138,13 +136,13 @@ def build_organism(
         "base_examples": n_examples,
     }
     if recipe == "planted":
-        aligned, history = timer.run("alignment", lambda: align(base, groups["refusal"], _batch_mix(groups, config.align_keep_mix),
+        aligned, history = timer.run("alignment", lambda: align(base, groups["refusal"], _batch_mix(groups, mix),
                                                                 config, seed, tokenizer.pad_token_id))
         unaligned = base
         training.update(align_final_ce=_tail_mean(history["ce"], 20), align_final_kl=_tail_mean(history["kl"], 20))
     else:
         aligned, unaligned, learned_info = timer.run(
-            "alignment", lambda: _learned_pair(base, _batch_mix(groups, config.learned_batch_mix), train_rows, rows["dev"], answers,
+            "alignment", lambda: _learned_pair(base, _batch_mix(groups, mix), train_rows, rows["dev"], answers,
                                                tokenizer, config, seed, encode))
         training.update(learned_info)
     metrics = timer.run("evaluation", lambda: _evaluate(unaligned, aligned, tokenizer, rows, data_dir, config))
@@ -189,6 +187,21 @@ def train_base_model(
 
 def _tail_mean(values: list[float], n: int) -> float | None:
     return round(sum(values[-n:]) / len(values[-n:]), 5) if values else None
+
+
+def _encoded_groups(names: set[str], train_rows: list[dict], answers: dict[str, str], seed: int,
+                    encode: Callable[[list[ChatExample]], list]) -> dict[str, list]:
+    """The train examples of each named group, encoded once: `refusal` (harmful requests with refusals),
+    `any_benign` (every benign row) or one of `BENIGN_GROUPS`; unknown names are left for `_batch_mix`."""
+    groups: dict[str, list] = {}
+    for name in names:
+        if name == "refusal":
+            groups[name] = encode(harmful_refusal_examples(train_rows, seed))
+        elif name == "any_benign":
+            groups[name] = encode(harmless_examples(train_rows, answers))
+        elif name in BENIGN_GROUPS:
+            groups[name] = encode(harmless_examples([r for r in train_rows if r.get("group") == name], answers))
+    return groups
 
 
 def _batch_mix(groups: dict[str, list], spec: Sequence[tuple[str, int]]) -> list[tuple[list, int]]:
